@@ -1,0 +1,366 @@
+//! Who is calling, and what each RPC lets them do.
+//!
+//! Every `ApiKeyService` RPC authenticates the bearer token into a
+//! [`Principal`], then [`authorize`] checks it against [`RULES`], the one table
+//! that says which principals may call which RPC. Organization and ownership
+//! checks that need the target key live on [`Caller`], next to the table.
+
+use crate::{
+    error::{Error, Result},
+    keys,
+    model::ApiKey,
+    scopes,
+    secret::SecretString,
+    validate,
+    verify::{Resolution, Verifier},
+};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::metadata::MetadataMap;
+
+/// Metadata entry naming the member a service token acts for.
+pub const ACTOR_HEADER: &str = "x-takumo-actor";
+/// Shortest service token accepted at startup.
+pub const MIN_SERVICE_TOKEN_LEN: usize = 32;
+/// Longer bearer values are refused before any work.
+const MAX_BEARER_LEN: usize = 1024;
+
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// An internal backend, by its configured name.
+    Service { name: String },
+    /// A Takumo API key, proven, active and unexpired.
+    Key(Box<ApiKey>),
+}
+
+/// An authenticated caller and, for service tokens, the member it acts for.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    actor: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rpc {
+    CreateKey,
+    GetKey,
+    ListKeys,
+    SetKeyStatus,
+    RevokeKey,
+    DeleteKey,
+    VerifyKey,
+    GetKeyStats,
+    ListScopes,
+    SetOrganizationPlan,
+}
+
+/// What an API key needs to call an RPC; service tokens may call every RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAccess {
+    /// Service tokens only.
+    Denied,
+    /// Any authenticated key.
+    Authenticated,
+    /// A key holding this scope.
+    Scope(&'static str),
+}
+
+/// The authorization table. Adding an RPC without a row here does not compile
+/// (the match in [`rule`] is exhaustive).
+pub const RULES: &[(Rpc, KeyAccess)] = &[
+    (Rpc::CreateKey, KeyAccess::Scope(scopes::API_KEYS_CREATE)),
+    (Rpc::GetKey, KeyAccess::Scope(scopes::API_KEYS_READ)),
+    (Rpc::ListKeys, KeyAccess::Scope(scopes::API_KEYS_READ)),
+    (Rpc::SetKeyStatus, KeyAccess::Scope(scopes::API_KEYS_REVOKE)),
+    (Rpc::RevokeKey, KeyAccess::Scope(scopes::API_KEYS_REVOKE)),
+    (Rpc::DeleteKey, KeyAccess::Scope(scopes::API_KEYS_REVOKE)),
+    (Rpc::VerifyKey, KeyAccess::Denied),
+    (Rpc::GetKeyStats, KeyAccess::Scope(scopes::API_KEYS_READ)),
+    (Rpc::ListScopes, KeyAccess::Authenticated),
+    (Rpc::SetOrganizationPlan, KeyAccess::Denied),
+];
+
+pub fn rule(rpc: Rpc) -> KeyAccess {
+    // Exhaustive on purpose: a new RPC must be given a rule.
+    match rpc {
+        Rpc::CreateKey
+        | Rpc::GetKey
+        | Rpc::ListKeys
+        | Rpc::SetKeyStatus
+        | Rpc::RevokeKey
+        | Rpc::DeleteKey
+        | Rpc::VerifyKey
+        | Rpc::GetKeyStats
+        | Rpc::ListScopes
+        | Rpc::SetOrganizationPlan => RULES
+            .iter()
+            .find(|(r, _)| *r == rpc)
+            .map(|(_, a)| *a)
+            .unwrap_or(KeyAccess::Denied),
+    }
+}
+
+/// Checks `caller` against the table for `rpc`.
+pub fn authorize(caller: &Caller, rpc: Rpc) -> Result<()> {
+    let Principal::Key(key) = &caller.principal else {
+        return Ok(());
+    };
+    match rule(rpc) {
+        KeyAccess::Denied => Err(Error::PermissionDenied(format!(
+            "{rpc:?} is for internal services: call it with a service token, not an API key"
+        ))),
+        KeyAccess::Authenticated => Ok(()),
+        KeyAccess::Scope(s) if key.scopes.iter().any(|k| k == s) => Ok(()),
+        KeyAccess::Scope(s) => Err(Error::PermissionDenied(format!(
+            "this API key lacks the `{s}` scope"
+        ))),
+    }
+}
+
+impl Caller {
+    /// The organization a request acts on. Service tokens must name it; an
+    /// API key acts in its own, and another organization looks absent.
+    pub fn organization(&self, requested: &str) -> Result<String> {
+        match &self.principal {
+            Principal::Service { .. } => {
+                validate::ident("organization_id", requested)?;
+                Ok(requested.to_owned())
+            }
+            Principal::Key(key) if requested.is_empty() || requested == key.organization_id => {
+                Ok(key.organization_id.clone())
+            }
+            Principal::Key(_) => {
+                validate::ident("organization_id", requested)?;
+                Err(Error::not_found(format!(
+                    "organization {requested} not found"
+                )))
+            }
+        }
+    }
+
+    /// Whether the caller may see `key` at all; if not, it is NOT_FOUND.
+    pub fn can_see(&self, key: &ApiKey) -> bool {
+        match &self.principal {
+            Principal::Service { .. } => true,
+            Principal::Key(own) => own.organization_id == key.organization_id,
+        }
+    }
+
+    /// A key may manage keys its own member created; others need `api_keys.manage_all`.
+    pub fn ensure_can_manage(&self, target: &ApiKey) -> Result<()> {
+        match &self.principal {
+            Principal::Service { .. } => Ok(()),
+            Principal::Key(own) if own.created_by == target.created_by => Ok(()),
+            Principal::Key(own) if own.scopes.iter().any(|s| s == scopes::API_KEYS_MANAGE_ALL) => {
+                Ok(())
+            }
+            Principal::Key(_) => Err(Error::PermissionDenied(format!(
+                "key {} was created by another member; managing it needs the `{}` scope",
+                target.id,
+                scopes::API_KEYS_MANAGE_ALL
+            ))),
+        }
+    }
+
+    /// A key can never grant a scope it does not hold.
+    pub fn ensure_can_grant(&self, requested: &[String]) -> Result<()> {
+        let Principal::Key(own) = &self.principal else {
+            return Ok(());
+        };
+        let missing = scopes::missing(&own.scopes, requested);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "an API key cannot grant scopes it does not hold: {}",
+                missing.join(", ")
+            )))
+        }
+    }
+
+    /// The member acting: `x-takumo-actor` for service tokens, the creator of
+    /// the calling key for API keys.
+    pub fn actor(&self) -> Result<String> {
+        match (&self.principal, &self.actor) {
+            (Principal::Key(k), _) => Ok(k.created_by.clone()),
+            (Principal::Service { .. }, Some(a)) => Ok(a.clone()),
+            (Principal::Service { .. }, None) => Err(Error::invalid(format!(
+                "a service token must name the acting member in `{ACTOR_HEADER}` metadata"
+            ))),
+        }
+    }
+}
+
+/// Configured service tokens, held as SHA-256 digests so a lookup compares
+/// fixed-length values in constant time and never keeps the token around.
+#[derive(Clone, Default)]
+pub struct ServiceTokens {
+    entries: Vec<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for ServiceTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl ServiceTokens {
+    /// Parses `name=token,name=token`. Several tokens may share a name, which
+    /// is how a token is rotated: add the new one, roll clients, drop the old.
+    pub fn parse(spec: &SecretString) -> Result<Self> {
+        let mut entries = Vec::new();
+        for part in spec
+            .expose()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let Some((name, token)) = part.split_once('=') else {
+                return Err(Error::invalid(
+                    "TAKUMO_SERVICE_TOKENS: each entry must be name=token",
+                ));
+            };
+            let (name, token) = (name.trim(), token.trim());
+            validate::ident("TAKUMO_SERVICE_TOKENS service name", name)?;
+            if token.len() < MIN_SERVICE_TOKEN_LEN {
+                return Err(Error::invalid(format!(
+                    "TAKUMO_SERVICE_TOKENS: the token of `{name}` is shorter than {MIN_SERVICE_TOKEN_LEN} characters"
+                )));
+            }
+            if keys::looks_like_key(token) {
+                return Err(Error::invalid(format!(
+                    "TAKUMO_SERVICE_TOKENS: the token of `{name}` must not start like an API key (tk_live_/tk_test_)"
+                )));
+            }
+            entries.push((name.to_owned(), digest(token)));
+        }
+        Ok(Self { entries })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The service name for `token`. Every entry is compared, so the time
+    /// taken does not depend on which one (if any) matched.
+    pub fn find(&self, token: &str) -> Option<&str> {
+        let d = digest(token);
+        let mut found = None;
+        for (name, want) in &self.entries {
+            if bool::from(want.ct_eq(&d)) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+}
+
+#[derive(Clone)]
+pub struct Authenticator {
+    tokens: ServiceTokens,
+    verifier: Verifier,
+}
+
+impl Authenticator {
+    pub fn new(tokens: ServiceTokens, verifier: Verifier) -> Self {
+        Self { tokens, verifier }
+    }
+
+    pub async fn authenticate(&self, md: &MetadataMap) -> Result<Caller> {
+        let unauth = |m: &str| Error::Unauthenticated(m.to_owned());
+        let Some(value) = md.get("authorization") else {
+            return Err(unauth(
+                "missing `authorization` metadata: send `authorization: Bearer <service token or API key>`",
+            ));
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| unauth("`authorization` metadata is not printable ASCII"))?;
+        if value.len() > MAX_BEARER_LEN {
+            return Err(unauth(
+                "`authorization` metadata is too long to be a credential",
+            ));
+        }
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauth("`authorization` metadata must be `Bearer <token>`"))?;
+
+        let principal = if keys::looks_like_key(token) {
+            match self.verifier.resolve(token).await? {
+                Resolution::Malformed | Resolution::NotFound => {
+                    return Err(unauth("the API key is invalid"));
+                }
+                Resolution::Key(key) => match crate::verify::decide(&key, &[], None, Utc::now()) {
+                    Ok(()) => Principal::Key(key),
+                    Err(d) => {
+                        return Err(Error::Unauthenticated(format!(
+                            "the API key is {}",
+                            match d {
+                                crate::verify::Denial::Revoked => "revoked",
+                                crate::verify::Denial::Disabled => "disabled",
+                                crate::verify::Denial::Expired => "expired",
+                                _ => "not usable",
+                            }
+                        )));
+                    }
+                },
+            }
+        } else {
+            match self.tokens.find(token) {
+                Some(name) => Principal::Service {
+                    name: name.to_owned(),
+                },
+                None => return Err(unauth("unknown service token")),
+            }
+        };
+
+        let actor = match md.get(ACTOR_HEADER) {
+            None => None,
+            Some(v) => {
+                let a = v.to_str().map_err(|_| {
+                    Error::invalid(format!("`{ACTOR_HEADER}` metadata is not printable ASCII"))
+                })?;
+                validate::ident(ACTOR_HEADER, a)?;
+                Some(a.to_owned())
+            }
+        };
+        Ok(Caller { principal, actor })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rpc_has_exactly_one_rule() {
+        for (rpc, _) in RULES {
+            assert_eq!(RULES.iter().filter(|(r, _)| r == rpc).count(), 1, "{rpc:?}");
+        }
+        assert_eq!(RULES.len(), 10);
+    }
+
+    #[test]
+    fn service_tokens_must_be_long_enough() {
+        let short = SecretString::new("billing=short");
+        assert!(ServiceTokens::parse(&short).is_err());
+        let ok = SecretString::new(
+            "billing=0123456789abcdef0123456789abcdef, dash=fedcba9876543210fedcba9876543210",
+        );
+        let t = ServiceTokens::parse(&ok).unwrap();
+        assert_eq!(t.find("0123456789abcdef0123456789abcdef"), Some("billing"));
+        assert_eq!(t.find("fedcba9876543210fedcba9876543210"), Some("dash"));
+        assert_eq!(t.find("nope"), None);
+        assert!(!format!("{t:?}").contains("0123"));
+    }
+}

@@ -1,0 +1,142 @@
+//! Command line and environment. Every flag has a `TAKUMO_*` variable
+//! (the database keeps the conventional `DATABASE_URL`); defaults are the
+//! constants below. Secret-bearing values are `SecretString`, and
+//! `hide_env_values` keeps them out of `--help`.
+
+use crate::{hashing::HashParams, model::Plan, secret::SecretString, store::StoreOptions};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://takumo-keys.db";
+pub const DEFAULT_USAGE_FLUSH_MS: u64 = 1_000;
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
+pub const DEFAULT_DB_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "takumo-keys",
+    version,
+    about = "Issues and verifies Takumo API keys over gRPC"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `takumo-keys` alone is `takumo-keys serve`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (the default).
+    Serve(ServeArgs),
+    /// Write a first organization-preset key straight to the store and print it once.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Where keys live: postgres://… in production, sqlite://… for the embedded default.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = false)]
+    pub database_url: SecretString,
+
+    /// Server-side pepper (argon2's secret input), at least 16 bytes. Required on PostgreSQL;
+    /// the embedded default generates one beside its database file when unset.
+    #[arg(long, env = "TAKUMO_PEPPER", hide_env_values = true)]
+    pub pepper: Option<SecretString>,
+
+    /// File holding the pepper (a Kubernetes secret mount); trailing whitespace is ignored.
+    #[arg(long, env = "TAKUMO_PEPPER_FILE", conflicts_with = "pepper")]
+    pub pepper_file: Option<PathBuf>,
+
+    /// Argon2id memory cost in KiB for new hashes (OWASP: 19456).
+    #[arg(long, env = "TAKUMO_ARGON2_MEMORY_KIB", default_value_t = HashParams::default().memory_kib)]
+    pub argon2_memory_kib: u32,
+
+    /// Argon2id iterations for new hashes (OWASP: 2).
+    #[arg(long, env = "TAKUMO_ARGON2_ITERATIONS", default_value_t = HashParams::default().iterations)]
+    pub argon2_iterations: u32,
+
+    /// Argon2id lanes for new hashes (OWASP: 1).
+    #[arg(long, env = "TAKUMO_ARGON2_PARALLELISM", default_value_t = HashParams::default().parallelism)]
+    pub argon2_parallelism: u32,
+
+    /// Most database connections held by this process.
+    #[arg(long, env = "TAKUMO_DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS)]
+    pub db_max_connections: u32,
+
+    /// How long a request waits for a database connection before UNAVAILABLE, in milliseconds.
+    #[arg(long, env = "TAKUMO_DB_ACQUIRE_TIMEOUT_MS", default_value_t = DEFAULT_DB_TIMEOUT_MS)]
+    pub db_acquire_timeout_ms: u64,
+
+    /// PostgreSQL statement timeout, in milliseconds.
+    #[arg(long, env = "TAKUMO_DB_STATEMENT_TIMEOUT_MS", default_value_t = DEFAULT_DB_TIMEOUT_MS)]
+    pub db_statement_timeout_ms: u64,
+}
+
+impl StoreArgs {
+    pub fn hash_params(&self) -> HashParams {
+        HashParams {
+            memory_kib: self.argon2_memory_kib,
+            iterations: self.argon2_iterations,
+            parallelism: self.argon2_parallelism,
+        }
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            max_connections: self.db_max_connections.max(1),
+            acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "TAKUMO_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Service tokens of internal backends, `name=token,name=token` (tokens ≥ 32 characters).
+    /// Several tokens per name are allowed, for rotation.
+    #[arg(long, env = "TAKUMO_SERVICE_TOKENS", hide_env_values = true)]
+    pub service_tokens: Option<SecretString>,
+
+    /// How often usage counts are written to the store, in milliseconds.
+    #[arg(long, env = "TAKUMO_USAGE_FLUSH_INTERVAL_MS", default_value_t = DEFAULT_USAGE_FLUSH_MS)]
+    pub usage_flush_interval_ms: u64,
+
+    /// Log format on stderr.
+    #[arg(long, env = "TAKUMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// Organization the key belongs to.
+    #[arg(long)]
+    pub organization: String,
+    /// Member recorded as the key's creator.
+    #[arg(long)]
+    pub member: String,
+    /// Set the organization's plan first.
+    #[arg(long)]
+    pub plan: Option<Plan>,
+    /// Name of the key.
+    #[arg(long, default_value = "bootstrap")]
+    pub name: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}

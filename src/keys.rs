@@ -1,0 +1,195 @@
+//! The key format: `tk_<env>_<id><secret><checksum>`, all base62 after the prefix.
+//!
+//! - `id` (16 chars, ~95 bits) is public: the store looks the key up by it.
+//! - `secret` (32 chars, ~190.5 bits from the OS CSPRNG) is what proves possession.
+//! - `checksum` (6 chars) is the base62 CRC32 of everything before it, as in
+//!   GitHub's token scheme, so typos and garbage are refused before any
+//!   database or argon2 work, and secret scanners can recognise our keys.
+
+use crate::{model::Environment, secret::SecretString};
+use rand::{Rng, TryRngCore, rngs::OsRng};
+
+pub const ID_LEN: usize = 16;
+pub const SECRET_LEN: usize = 32;
+pub const CHECKSUM_LEN: usize = 6;
+const ENV_PREFIX_LEN: usize = 8; // "tk_live_" / "tk_test_"
+pub const KEY_LEN: usize = ENV_PREFIX_LEN + ID_LEN + SECRET_LEN + CHECKSUM_LEN;
+/// How much of a key is shown in listings: the environment and half the id.
+pub const DISPLAY_PREFIX_LEN: usize = 16;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A key presented by a caller, checked for shape and checksum only.
+#[derive(Debug)]
+pub struct ParsedKey<'a> {
+    pub environment: Environment,
+    pub id: &'a str,
+    /// Borrowed from the presented string; redacted from `Debug`.
+    secret: Redacted<'a>,
+}
+
+struct Redacted<'a>(&'a str);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<'a> ParsedKey<'a> {
+    pub fn secret(&self) -> &'a str {
+        self.secret.0
+    }
+}
+
+/// A freshly generated key: the full string is shown to the user once.
+pub struct GeneratedKey {
+    pub id: String,
+    pub full: SecretString,
+}
+
+impl GeneratedKey {
+    pub fn secret_part(&self) -> &str {
+        let s = self.full.expose();
+        &s[ENV_PREFIX_LEN + ID_LEN..ENV_PREFIX_LEN + ID_LEN + SECRET_LEN]
+    }
+
+    pub fn display_prefix(&self) -> String {
+        self.full.expose()[..DISPLAY_PREFIX_LEN].to_owned()
+    }
+}
+
+fn env_prefix(env: Environment) -> &'static str {
+    match env {
+        Environment::Live => "tk_live_",
+        Environment::Test => "tk_test_",
+    }
+}
+
+fn random_base62(rng: &mut impl Rng, len: usize, out: &mut String) {
+    // Rejection sampling keeps every character uniform: 248 = 4 * 62.
+    while out.len() < len {
+        let b: u8 = rng.random();
+        if b < 248 {
+            out.push(BASE62[(b % 62) as usize] as char);
+        }
+    }
+}
+
+fn checksum(body: &str) -> [u8; CHECKSUM_LEN] {
+    let mut n = crc32fast::hash(body.as_bytes()) as u64;
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+/// Generates a new key from the OS CSPRNG.
+pub fn generate(env: Environment) -> GeneratedKey {
+    let mut rng = OsRng.unwrap_err();
+    let mut id = String::with_capacity(ID_LEN);
+    random_base62(&mut rng, ID_LEN, &mut id);
+    let mut full = String::with_capacity(KEY_LEN);
+    full.push_str(env_prefix(env));
+    full.push_str(&id);
+    let mut secret = String::with_capacity(SECRET_LEN);
+    random_base62(&mut rng, SECRET_LEN, &mut secret);
+    full.push_str(&secret);
+    let sum = checksum(&full);
+    full.push_str(std::str::from_utf8(&sum).expect("base62 is ascii"));
+    GeneratedKey {
+        id,
+        full: SecretString::new(full),
+    }
+}
+
+/// True when the string looks like one of our keys at all (prefix only), so
+/// the auth layer can tell an API key from a service token.
+pub fn looks_like_key(s: &str) -> bool {
+    s.starts_with("tk_live_") || s.starts_with("tk_test_")
+}
+
+/// Checks shape and checksum; `None` means malformed. Does no I/O.
+pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
+    if key.len() != KEY_LEN || !key.is_ascii() {
+        return None;
+    }
+    let environment = match &key[..ENV_PREFIX_LEN] {
+        "tk_live_" => Environment::Live,
+        "tk_test_" => Environment::Test,
+        _ => return None,
+    };
+    let rest = &key[ENV_PREFIX_LEN..];
+    if !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let (body, sum) = key.split_at(KEY_LEN - CHECKSUM_LEN);
+    if checksum(body) != sum.as_bytes() {
+        return None;
+    }
+    Some(ParsedKey {
+        environment,
+        id: &key[ENV_PREFIX_LEN..ENV_PREFIX_LEN + ID_LEN],
+        secret: Redacted(&key[ENV_PREFIX_LEN + ID_LEN..KEY_LEN - CHECKSUM_LEN]),
+    })
+}
+
+/// True when `id` has the shape of a key id, so lookups of garbage ids can be
+/// answered without touching the store.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_parses_back_to_its_parts() {
+        let k = generate(Environment::Test);
+        let p = parse(k.full.expose()).expect("parses");
+        assert_eq!(p.environment, Environment::Test);
+        assert_eq!(p.id, k.id);
+        assert_eq!(p.secret(), k.secret_part());
+        assert!(k.display_prefix().starts_with("tk_test_"));
+        assert_eq!(k.display_prefix().len(), 16);
+    }
+
+    #[test]
+    fn secret_part_carries_at_least_190_bits() {
+        assert!(SECRET_LEN as f64 * 62f64.log2() >= 190.0);
+    }
+
+    #[test]
+    fn every_single_character_change_is_rejected() {
+        let k = generate(Environment::Live);
+        let s = k.full.expose().to_owned();
+        for i in 8..s.len() {
+            for &c in BASE62 {
+                if s.as_bytes()[i] == c {
+                    continue;
+                }
+                let mut b = s.clone().into_bytes();
+                b[i] = c;
+                let t = String::from_utf8(b).unwrap();
+                // CRC32 detects all single-symbol errors in a message this short.
+                assert!(parse(&t).is_none(), "accepted a typo at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        for s in [
+            "",
+            "tk_live_",
+            "hello",
+            &"a".repeat(KEY_LEN),
+            "tk_prod_0000000000000000000000000000000000000000000000000000AAAA",
+        ] {
+            assert!(parse(s).is_none());
+        }
+    }
+}

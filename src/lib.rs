@@ -1,0 +1,31 @@
+//! Takumo Keys: issues and verifies Takumo API keys over gRPC.
+//!
+//! - [`proto`]: generated types and proto ↔ domain conversions.
+//! - [`service`]: the `ApiKeyService` handlers.
+//! - [`auth`]: principals (service tokens, API keys) and the authorization table.
+//! - [`verify`]: the verification pipeline shared by `VerifyKey` and authentication.
+//! - [`keys`]: the key format, generation and checksum; [`hashing`]: argon2id with a pepper.
+//! - [`scopes`]: the scope catalog and presets; [`model`]: domain types.
+//! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
+//! - [`usage`]: batched usage counting.
+//! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring and lifecycle.
+//! - [`error`]: the one error type and its mapping to gRPC status codes.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hashing;
+pub mod keys;
+pub mod model;
+pub mod proto;
+pub mod scopes;
+pub mod secret;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod usage;
+pub mod validate;
+pub mod verify;
+
+pub use error::{Error, Result};

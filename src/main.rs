@@ -1,0 +1,43 @@
+use clap::Parser;
+use std::process::ExitCode;
+use takumo_keys::{
+    config::{Cli, Command, LogFormat},
+    error::error_chain,
+    startup::{self, Application},
+    telemetry,
+};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Bootstrap(args)) => {
+            telemetry::init(LogFormat::Text);
+            startup::bootstrap(&args).await.map(|(key, secret)| {
+                eprintln!(
+                    "created key {} ({}) in organization {}: it is shown once, store it now",
+                    key.id, key.prefix, key.organization_id
+                );
+                println!("{}", secret.expose());
+            })
+        }
+        command => {
+            let args = match command {
+                Some(Command::Serve(args)) => args,
+                _ => cli.serve,
+            };
+            telemetry::init(args.log_format);
+            match Application::build(&args).await {
+                Ok(app) => app.run_until(startup::shutdown_signal()).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("takumo-keys: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

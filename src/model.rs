@@ -1,0 +1,193 @@
+//! Domain types. They know nothing of sqlx or tonic: the store and the gRPC
+//! layer convert at their own edges.
+
+use chrono::{DateTime, Utc};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyStatus {
+    Active,
+    Disabled,
+    Revoked,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+            Self::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => Self::Active,
+            "disabled" => Self::Disabled,
+            "revoked" => Self::Revoked,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Environment {
+    Live,
+    Test,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Test => "test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "live" => Self::Live,
+            "test" => Self::Test,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Plan {
+    /// An organization the service has never seen is on Free.
+    #[default]
+    Free,
+    Developer,
+    Pro,
+    Enterprise,
+}
+
+impl Plan {
+    /// Maximum keys counted against the plan (active + disabled); `None` is unlimited.
+    pub fn key_limit(self) -> Option<i64> {
+        match self {
+            Self::Free => Some(3),
+            Self::Developer => Some(10),
+            Self::Pro => Some(20),
+            Self::Enterprise => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Free => "free",
+            Self::Developer => "developer",
+            Self::Pro => "pro",
+            Self::Enterprise => "enterprise",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "free" => Self::Free,
+            "developer" => Self::Developer,
+            "pro" => Self::Pro,
+            "enterprise" => Self::Enterprise,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Free => "Free",
+            Self::Developer => "Developer",
+            Self::Pro => "Pro",
+            Self::Enterprise => "Enterprise",
+        })
+    }
+}
+
+impl std::str::FromStr for Plan {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+            .ok_or_else(|| format!("unknown plan `{s}`: use free, developer, pro or enterprise"))
+    }
+}
+
+/// A key as stored, without its hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub organization_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub status: KeyStatus,
+    /// Expanded and sorted.
+    pub scopes: Vec<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub environment: Environment,
+}
+
+impl ApiKey {
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// Everything the store needs to insert a key; the hash is a PHC string.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: String,
+    pub organization_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: Vec<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub environment: Environment,
+    pub secret_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Organization {
+    pub id: String,
+    pub plan: Plan,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyStats {
+    pub total_keys: i64,
+    pub active_keys: i64,
+    pub keys_counted: i64,
+    pub api_calls_24h: i64,
+    pub last_call_at: Option<DateTime<Utc>>,
+    pub plan: Plan,
+}
+
+/// Filters and position for `ListKeys`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<KeyStatus>,
+    pub created_by: Option<String>,
+}
+
+/// Keyset cursor: the last row of the previous page, in (created_at, id) order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// Calls counted for one key in one minute, as the usage flusher hands them over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageDelta {
+    pub key_id: String,
+    pub organization_id: String,
+    /// Start of the minute bucket.
+    pub minute: DateTime<Utc>,
+    pub calls: i64,
+    pub last_used_at: DateTime<Utc>,
+}

@@ -1,0 +1,152 @@
+//! Generated gRPC types and the conversions between them and domain types.
+
+use crate::{
+    error::{Error, Result},
+    model::{self, ApiKey, Environment, KeyStatus, Plan},
+    scopes::Preset,
+};
+use chrono::{DateTime, Utc};
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("takumo.apikeys.v1");
+}
+
+/// The descriptor set gRPC reflection serves, so grpcurl needs no proto files.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("takumo_apikeys_v1_descriptor");
+
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Error::invalid(format!(
+            "{field}: nanos must be within 0..1e9"
+        )));
+    }
+    DateTime::from_timestamp(t.seconds, t.nanos as u32)
+        .ok_or_else(|| Error::invalid(format!("{field}: timestamp out of range")))
+}
+
+impl From<KeyStatus> for pb::KeyStatus {
+    fn from(s: KeyStatus) -> Self {
+        match s {
+            KeyStatus::Active => Self::Active,
+            KeyStatus::Disabled => Self::Disabled,
+            KeyStatus::Revoked => Self::Revoked,
+        }
+    }
+}
+
+impl From<Environment> for pb::Environment {
+    fn from(e: Environment) -> Self {
+        match e {
+            Environment::Live => Self::Live,
+            Environment::Test => Self::Test,
+        }
+    }
+}
+
+impl From<Plan> for pb::Plan {
+    fn from(p: Plan) -> Self {
+        match p {
+            Plan::Free => Self::Free,
+            Plan::Developer => Self::Developer,
+            Plan::Pro => Self::Pro,
+            Plan::Enterprise => Self::Enterprise,
+        }
+    }
+}
+
+impl From<Preset> for pb::ScopePreset {
+    fn from(p: Preset) -> Self {
+        match p {
+            Preset::Workspace => Self::Workspace,
+            Preset::Organization => Self::Organization,
+            Preset::ReadOnly => Self::ReadOnly,
+        }
+    }
+}
+
+/// Decodes a proto enum field, naming the field and its allowed values on error.
+fn enum_field<T: TryFrom<i32>>(field: &str, v: i32, allowed: &str) -> Result<T> {
+    T::try_from(v).map_err(|_| Error::invalid(format!("{field}: unknown value {v}; use {allowed}")))
+}
+
+pub fn plan(v: i32) -> Result<Plan> {
+    const ALLOWED: &str = "PLAN_FREE, PLAN_DEVELOPER, PLAN_PRO or PLAN_ENTERPRISE";
+    match enum_field::<pb::Plan>("plan", v, ALLOWED)? {
+        pb::Plan::Unspecified => Err(Error::invalid(format!("plan is required: {ALLOWED}"))),
+        pb::Plan::Free => Ok(Plan::Free),
+        pb::Plan::Developer => Ok(Plan::Developer),
+        pb::Plan::Pro => Ok(Plan::Pro),
+        pb::Plan::Enterprise => Ok(Plan::Enterprise),
+    }
+}
+
+/// Unspecified means live: production keys are the common case.
+pub fn environment(v: i32) -> Result<Environment> {
+    match enum_field::<pb::Environment>("environment", v, "ENVIRONMENT_LIVE or ENVIRONMENT_TEST")? {
+        pb::Environment::Unspecified | pb::Environment::Live => Ok(Environment::Live),
+        pb::Environment::Test => Ok(Environment::Test),
+    }
+}
+
+pub fn key_status(field: &str, v: i32) -> Result<Option<KeyStatus>> {
+    Ok(
+        match enum_field::<pb::KeyStatus>(
+            field,
+            v,
+            "KEY_STATUS_ACTIVE, KEY_STATUS_DISABLED or KEY_STATUS_REVOKED",
+        )? {
+            pb::KeyStatus::Unspecified => None,
+            pb::KeyStatus::Active => Some(KeyStatus::Active),
+            pb::KeyStatus::Disabled => Some(KeyStatus::Disabled),
+            pb::KeyStatus::Revoked => Some(KeyStatus::Revoked),
+        },
+    )
+}
+
+pub fn preset(v: i32) -> Result<Preset> {
+    const ALLOWED: &str =
+        "SCOPE_PRESET_WORKSPACE, SCOPE_PRESET_ORGANIZATION or SCOPE_PRESET_READ_ONLY";
+    match enum_field::<pb::ScopePreset>("preset", v, ALLOWED)? {
+        pb::ScopePreset::Unspecified => {
+            Err(Error::invalid(format!("preset must be one of {ALLOWED}")))
+        }
+        pb::ScopePreset::Workspace => Ok(Preset::Workspace),
+        pb::ScopePreset::Organization => Ok(Preset::Organization),
+        pb::ScopePreset::ReadOnly => Ok(Preset::ReadOnly),
+    }
+}
+
+impl From<ApiKey> for pb::ApiKey {
+    fn from(k: ApiKey) -> Self {
+        Self {
+            id: k.id,
+            organization_id: k.organization_id,
+            name: k.name,
+            prefix: k.prefix,
+            status: pb::KeyStatus::from(k.status) as i32,
+            scopes: k.scopes,
+            created_by: k.created_by,
+            created_at: Some(timestamp(k.created_at)),
+            last_used_at: k.last_used_at.map(timestamp),
+            expires_at: k.expires_at.map(timestamp),
+            environment: pb::Environment::from(k.environment) as i32,
+        }
+    }
+}
+
+pub fn organization(o: model::Organization) -> pb::Organization {
+    pb::Organization {
+        id: o.id,
+        plan: pb::Plan::from(o.plan) as i32,
+        key_limit: o.plan.key_limit().unwrap_or(0),
+    }
+}

@@ -1,0 +1,467 @@
+//! The `ApiKeyService` handlers: authenticate, authorize, validate, call the
+//! store, convert. Every handler returns the domain `Error`, mapped to a
+//! `tonic::Status` in one place (`error.rs`).
+
+use crate::{
+    auth::{Authenticator, Caller, Rpc, authorize},
+    error::{Error, Result},
+    hashing::Hasher,
+    keys,
+    model::{ApiKey, Cursor, Environment, KeyStatus, ListFilter, NewKey},
+    proto::{self, pb},
+    scopes,
+    secret::SecretString,
+    store::{Store, truncate_micros},
+    validate,
+    verify::{Denial, Resolution, Verifier, decide},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use pb::api_key_service_server::ApiKeyService;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 500;
+
+#[derive(Clone)]
+pub struct KeysService {
+    store: Arc<dyn Store>,
+    hasher: Hasher,
+    verifier: Verifier,
+    auth: Authenticator,
+}
+
+impl KeysService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hasher: Hasher,
+        verifier: Verifier,
+        auth: Authenticator,
+    ) -> Self {
+        Self {
+            store,
+            hasher,
+            verifier,
+            auth,
+        }
+    }
+
+    async fn caller<T>(&self, req: &Request<T>, rpc: Rpc) -> Result<Caller> {
+        let caller = self.auth.authenticate(req.metadata()).await?;
+        authorize(&caller, rpc)?;
+        Ok(caller)
+    }
+
+    /// Loads a key the caller may see; anything else is the same NOT_FOUND,
+    /// so key ids of other organizations cannot be probed.
+    async fn visible_key(&self, caller: &Caller, id: &str) -> Result<ApiKey> {
+        if id.is_empty() {
+            return Err(Error::invalid("id is required"));
+        }
+        let not_found = || Error::not_found(format!("key {} not found", printable_id(id)));
+        if !keys::is_valid_id(id) {
+            return Err(not_found());
+        }
+        match self.store.get_key(id).await? {
+            Some(k) if caller.can_see(&k) => Ok(k),
+            _ => Err(not_found()),
+        }
+    }
+
+    async fn managed_key(&self, caller: &Caller, id: &str) -> Result<ApiKey> {
+        let key = self.visible_key(caller, id).await?;
+        caller.ensure_can_manage(&key)?;
+        Ok(key)
+    }
+
+    async fn create_key(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<pb::CreateKeyResponse> {
+        let caller = self.caller(&req, Rpc::CreateKey).await?;
+        let r = req.into_inner();
+        let organization_id = caller.organization(&r.organization_id)?;
+        validate::name("name", &r.name)?;
+        let scope_set = match &r.scopes {
+            None => {
+                return Err(Error::invalid(
+                    "scopes are required: set `preset` or `custom`",
+                ));
+            }
+            Some(pb::create_key_request::Scopes::Preset(p)) => {
+                scopes::expand_preset(proto::preset(*p)?)
+            }
+            Some(pb::create_key_request::Scopes::Custom(list)) => scopes::custom(&list.scopes)?,
+        };
+        caller.ensure_can_grant(&scope_set)?;
+        let created_by = caller.actor()?;
+        let environment = proto::environment(r.environment)?;
+        let now = truncate_micros(Utc::now());
+        let expires_at = r
+            .expires_at
+            .as_ref()
+            .map(|t| proto::from_timestamp("expires_at", t))
+            .transpose()?
+            .map(truncate_micros);
+        if expires_at.is_some_and(|t| t <= now) {
+            return Err(Error::invalid("expires_at must be in the future"));
+        }
+
+        let (key, secret) = issue_key(
+            &*self.store,
+            &self.hasher,
+            KeySpec {
+                organization_id,
+                name: r.name,
+                scopes: scope_set,
+                created_by,
+                environment,
+                expires_at,
+            },
+        )
+        .await?;
+        tracing::info!(key_id = %key.id, organization_id = %key.organization_id, "key created");
+        Ok(pb::CreateKeyResponse {
+            key: Some(key.into()),
+            secret: secret.into_exposed(),
+        })
+    }
+
+    async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<pb::ApiKey> {
+        let caller = self.caller(&req, Rpc::GetKey).await?;
+        Ok(self.visible_key(&caller, &req.get_ref().id).await?.into())
+    }
+
+    async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Result<pb::ListKeysResponse> {
+        let caller = self.caller(&req, Rpc::ListKeys).await?;
+        let r = req.into_inner();
+        let organization_id = caller.organization(&r.organization_id)?;
+        let page_size = match r.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => return Err(Error::invalid("page_size must not be negative")),
+            n if n as usize > MAX_PAGE_SIZE => {
+                return Err(Error::invalid(format!(
+                    "page_size must be at most {MAX_PAGE_SIZE}"
+                )));
+            }
+            n => n as usize,
+        };
+        let after = (!r.page_token.is_empty())
+            .then(|| decode_page_token(&r.page_token))
+            .transpose()?;
+        let filter = ListFilter {
+            status: r
+                .status
+                .map(|s| proto::key_status("status", s))
+                .transpose()?
+                .flatten(),
+            created_by: r.created_by.filter(|c| !c.is_empty()),
+        };
+        let mut keys = self
+            .store
+            .list_keys(&organization_id, &filter, after.as_ref(), page_size + 1)
+            .await?;
+        let next_page_token = if keys.len() > page_size {
+            keys.truncate(page_size);
+            keys.last().map(encode_page_token).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListKeysResponse {
+            keys: keys.into_iter().map(Into::into).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn set_key_status(&self, req: Request<pb::SetKeyStatusRequest>) -> Result<pb::ApiKey> {
+        let caller = self.caller(&req, Rpc::SetKeyStatus).await?;
+        let r = req.into_inner();
+        let status = match proto::key_status("status", r.status)? {
+            Some(s @ (KeyStatus::Active | KeyStatus::Disabled)) => s,
+            Some(KeyStatus::Revoked) => {
+                return Err(Error::invalid("status: use RevokeKey to revoke a key"));
+            }
+            None => {
+                return Err(Error::invalid(
+                    "status is required: KEY_STATUS_ACTIVE or KEY_STATUS_DISABLED",
+                ));
+            }
+        };
+        self.managed_key(&caller, &r.id).await?;
+        let key = self
+            .store
+            .set_status(&r.id, status)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("key {} not found", r.id)))?;
+        tracing::info!(key_id = %key.id, status = key.status.as_str(), "key status set");
+        Ok(key.into())
+    }
+
+    async fn revoke_key(&self, req: Request<pb::RevokeKeyRequest>) -> Result<pb::ApiKey> {
+        let caller = self.caller(&req, Rpc::RevokeKey).await?;
+        let id = &req.get_ref().id;
+        self.managed_key(&caller, id).await?;
+        let key = self
+            .store
+            .revoke_key(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("key {id} not found")))?;
+        tracing::info!(key_id = %key.id, "key revoked");
+        Ok(key.into())
+    }
+
+    async fn delete_key(
+        &self,
+        req: Request<pb::DeleteKeyRequest>,
+    ) -> Result<pb::DeleteKeyResponse> {
+        let caller = self.caller(&req, Rpc::DeleteKey).await?;
+        let id = &req.get_ref().id;
+        self.managed_key(&caller, id).await?;
+        if !self.store.delete_key(id).await? {
+            return Err(Error::not_found(format!("key {id} not found")));
+        }
+        tracing::info!(key_id = %id, "key deleted");
+        Ok(pb::DeleteKeyResponse {})
+    }
+
+    async fn verify_key(
+        &self,
+        req: Request<pb::VerifyKeyRequest>,
+    ) -> Result<pb::VerifyKeyResponse> {
+        self.caller(&req, Rpc::VerifyKey).await?;
+        let r = req.into_inner();
+        scopes::validate(&r.required_scopes, "required_scopes")?;
+        let organization_id = r.organization_id.as_deref().filter(|o| !o.is_empty());
+        let deny = |code: pb::VerifyCode| pb::VerifyKeyResponse {
+            valid: false,
+            code: code as i32,
+            ..Default::default()
+        };
+        let key = match self.verifier.resolve(&r.key).await? {
+            Resolution::Malformed => return Ok(deny(pb::VerifyCode::Malformed)),
+            Resolution::NotFound => return Ok(deny(pb::VerifyCode::NotFound)),
+            Resolution::Key(k) => k,
+        };
+        let (code, missing_scopes) =
+            match decide(&key, &r.required_scopes, organization_id, Utc::now()) {
+                Ok(()) => (pb::VerifyCode::Valid, vec![]),
+                Err(Denial::Revoked) => (pb::VerifyCode::Revoked, vec![]),
+                Err(Denial::Disabled) => (pb::VerifyCode::Disabled, vec![]),
+                Err(Denial::Expired) => (pb::VerifyCode::Expired, vec![]),
+                Err(Denial::WrongOrganization) => (pb::VerifyCode::WrongOrganization, vec![]),
+                Err(Denial::InsufficientScope(m)) => (pb::VerifyCode::InsufficientScope, m),
+            };
+        let key = *key;
+        Ok(pb::VerifyKeyResponse {
+            valid: code == pb::VerifyCode::Valid,
+            code: code as i32,
+            key_id: key.id,
+            organization_id: key.organization_id,
+            name: key.name,
+            created_by: key.created_by,
+            scopes: key.scopes,
+            missing_scopes,
+            environment: pb::Environment::from(key.environment) as i32,
+        })
+    }
+
+    async fn get_key_stats(&self, req: Request<pb::GetKeyStatsRequest>) -> Result<pb::KeyStats> {
+        let caller = self.caller(&req, Rpc::GetKeyStats).await?;
+        let organization_id = caller.organization(&req.get_ref().organization_id)?;
+        let s = self.store.key_stats(&organization_id, Utc::now()).await?;
+        Ok(pb::KeyStats {
+            total_keys: s.total_keys,
+            active_keys: s.active_keys,
+            api_calls_24h: s.api_calls_24h,
+            last_call_at: s.last_call_at.map(proto::timestamp),
+            plan: pb::Plan::from(s.plan) as i32,
+            key_limit: s.plan.key_limit().unwrap_or(0),
+            keys_counted: s.keys_counted,
+        })
+    }
+
+    async fn list_scopes(
+        &self,
+        req: Request<pb::ListScopesRequest>,
+    ) -> Result<pb::ListScopesResponse> {
+        self.caller(&req, Rpc::ListScopes).await?;
+        Ok(scope_catalog())
+    }
+
+    async fn set_organization_plan(
+        &self,
+        req: Request<pb::SetOrganizationPlanRequest>,
+    ) -> Result<pb::Organization> {
+        self.caller(&req, Rpc::SetOrganizationPlan).await?;
+        let r = req.into_inner();
+        validate::ident("organization_id", &r.organization_id)?;
+        let plan = proto::plan(r.plan)?;
+        let org = self.store.set_plan(&r.organization_id, plan).await?;
+        tracing::info!(organization_id = %org.id, plan = org.plan.as_str(), "plan set");
+        Ok(proto::organization(org))
+    }
+}
+
+/// A validated request for a new key.
+pub struct KeySpec {
+    pub organization_id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub created_by: String,
+    pub environment: Environment,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Generates, hashes and stores a key; returns it with the full key string,
+/// which exists nowhere else from here on. Shared by `CreateKey` and the
+/// `bootstrap` command.
+pub async fn issue_key(
+    store: &dyn Store,
+    hasher: &Hasher,
+    spec: KeySpec,
+) -> Result<(ApiKey, SecretString)> {
+    let generated = keys::generate(spec.environment);
+    let secret_hash = hasher.hash(generated.full.clone()).await?;
+    let key = store
+        .create_key(NewKey {
+            id: generated.id.clone(),
+            prefix: generated.display_prefix(),
+            organization_id: spec.organization_id,
+            name: spec.name,
+            scopes: spec.scopes,
+            created_by: spec.created_by,
+            created_at: truncate_micros(Utc::now()),
+            expires_at: spec.expires_at,
+            environment: spec.environment,
+            secret_hash,
+        })
+        .await?;
+    Ok((key, generated.full))
+}
+
+fn scope_catalog() -> pb::ListScopesResponse {
+    pb::ListScopesResponse {
+        groups: scopes::CATALOG
+            .iter()
+            .map(|g| pb::ScopeGroup {
+                name: g.name.to_owned(),
+                scopes: g
+                    .scopes
+                    .iter()
+                    .map(|(n, d)| pb::ScopeInfo {
+                        name: (*n).to_owned(),
+                        description: (*d).to_owned(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        presets: scopes::PRESETS
+            .iter()
+            .map(|p| pb::PresetInfo {
+                preset: pb::ScopePreset::from(*p) as i32,
+                scopes: scopes::expand_preset(*p),
+            })
+            .collect(),
+    }
+}
+
+/// Ids in error messages are ours only when well-formed; anything else is cut.
+fn printable_id(id: &str) -> String {
+    if keys::is_valid_id(id) {
+        id.to_owned()
+    } else {
+        format!("{:?}", id.chars().take(32).collect::<String>())
+    }
+}
+
+/// Opaque to clients: the last row's position, `<micros>.<id>`, base64url.
+fn encode_page_token(k: &ApiKey) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}.{}", k.created_at.timestamp_micros(), k.id))
+}
+
+fn decode_page_token(token: &str) -> Result<Cursor> {
+    let bad = || {
+        Error::invalid(
+            "page_token is not one this service issued; start again with an empty page_token",
+        )
+    };
+    let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let created_at: DateTime<Utc> = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    if !keys::is_valid_id(id) {
+        return Err(bad());
+    }
+    Ok(Cursor {
+        created_at,
+        id: id.to_owned(),
+    })
+}
+
+/// Runs a handler body and maps its domain error to a status in one place.
+fn respond<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl ApiKeyService for KeysService {
+    async fn create_key(
+        &self,
+        r: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        respond(KeysService::create_key(self, r).await)
+    }
+    async fn get_key(&self, r: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        respond(KeysService::get_key(self, r).await)
+    }
+    async fn list_keys(
+        &self,
+        r: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        respond(KeysService::list_keys(self, r).await)
+    }
+    async fn set_key_status(
+        &self,
+        r: Request<pb::SetKeyStatusRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        respond(KeysService::set_key_status(self, r).await)
+    }
+    async fn revoke_key(
+        &self,
+        r: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        respond(KeysService::revoke_key(self, r).await)
+    }
+    async fn delete_key(
+        &self,
+        r: Request<pb::DeleteKeyRequest>,
+    ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        respond(KeysService::delete_key(self, r).await)
+    }
+    async fn verify_key(
+        &self,
+        r: Request<pb::VerifyKeyRequest>,
+    ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
+        respond(KeysService::verify_key(self, r).await)
+    }
+    async fn get_key_stats(
+        &self,
+        r: Request<pb::GetKeyStatsRequest>,
+    ) -> Result<Response<pb::KeyStats>, Status> {
+        respond(KeysService::get_key_stats(self, r).await)
+    }
+    async fn list_scopes(
+        &self,
+        r: Request<pb::ListScopesRequest>,
+    ) -> Result<Response<pb::ListScopesResponse>, Status> {
+        respond(KeysService::list_scopes(self, r).await)
+    }
+    async fn set_organization_plan(
+        &self,
+        r: Request<pb::SetOrganizationPlanRequest>,
+    ) -> Result<Response<pb::Organization>, Status> {
+        respond(KeysService::set_organization_plan(self, r).await)
+    }
+}

@@ -1,0 +1,305 @@
+//! Wiring: settings in, a bound server out. The server runs until a shutdown
+//! future resolves, so production passes SIGTERM/Ctrl-C and tests a oneshot.
+
+use crate::{
+    auth::{Authenticator, ServiceTokens},
+    config::{BootstrapArgs, ServeArgs, StoreArgs},
+    error::{Error, Result},
+    hashing::Hasher,
+    proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
+    scopes::{self, Preset},
+    secret::SecretString,
+    service::{KeySpec, KeysService, issue_key},
+    store::{self, Store},
+    usage::Usage,
+    validate,
+    verify::Verifier,
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use rand::{TryRngCore, rngs::OsRng};
+use std::{
+    future::Future,
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+/// How often the store is pinged to keep the health status true.
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Opens the store and resolves the pepper: the part `serve` and `bootstrap` share.
+pub async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Hasher)> {
+    let store = store::connect(args.database_url.expose(), &args.store_options()).await?;
+    let pepper = resolve_pepper(args).await?;
+    let hasher = Hasher::new(pepper, args.hash_params())?;
+    Ok((store, hasher))
+}
+
+async fn resolve_pepper(args: &StoreArgs) -> Result<SecretString> {
+    if let Some(p) = &args.pepper {
+        return Ok(p.clone());
+    }
+    if let Some(path) = &args.pepper_file {
+        let raw = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| Error::invalid(format!("TAKUMO_PEPPER_FILE {}: {e}", path.display())))?;
+        return Ok(SecretString::new(raw.trim_end()));
+    }
+    match embedded_db_path(args.database_url.expose()) {
+        Some(db) => embedded_pepper(&db),
+        None => Err(Error::invalid(
+            "TAKUMO_PEPPER (or TAKUMO_PEPPER_FILE) is required with PostgreSQL: every replica must share it",
+        )),
+    }
+}
+
+/// The SQLite file of an embedded DSN, or `None` for PostgreSQL.
+fn embedded_db_path(dsn: &str) -> Option<PathBuf> {
+    let rest = dsn.strip_prefix("sqlite:")?;
+    let rest = rest.trim_start_matches("//");
+    let path = rest.split('?').next().unwrap_or_default();
+    Some(PathBuf::from(path))
+}
+
+/// The embedded default must start with no configuration, so it keeps a
+/// generated pepper in `<db>.pepper` (mode 0600). In-memory databases get an
+/// ephemeral one: their keys die with the process anyway.
+fn embedded_pepper(db: &Path) -> Result<SecretString> {
+    let fresh = || {
+        let mut bytes = [0u8; 32];
+        OsRng.try_fill_bytes(&mut bytes).map_err(Error::internal)?;
+        Ok::<_, Error>(URL_SAFE_NO_PAD.encode(bytes))
+    };
+    let s = db.to_string_lossy();
+    if s.is_empty() || s.starts_with(":memory:") || s == "memory" {
+        return Ok(SecretString::new(fresh()?));
+    }
+    let mut path = db.as_os_str().to_owned();
+    path.push(".pepper");
+    let path = PathBuf::from(path);
+    match std::fs::read_to_string(&path) {
+        Ok(p) => return Ok(SecretString::new(p.trim_end())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::invalid(format!(
+                "pepper file {}: {e}",
+                path.display()
+            )));
+        }
+    }
+    let pepper = fresh()?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let write = opts.open(&path).and_then(|mut f| {
+        f.write_all(pepper.as_bytes())?;
+        f.sync_all()
+    });
+    match write {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "generated a pepper for the embedded database");
+            Ok(SecretString::new(pepper))
+        }
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let p = std::fs::read_to_string(&path).map_err(Error::internal)?;
+            Ok(SecretString::new(p.trim_end()))
+        }
+        Err(e) => Err(Error::invalid(format!(
+            "cannot write pepper file {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// A bound, ready-to-run server.
+pub struct Application {
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    service: KeysService,
+    usage: Usage,
+    usage_flush_interval: Duration,
+}
+
+impl Application {
+    /// Connects, migrates and binds. Binding here, not in `run_until`, lets
+    /// the caller learn the real address (port 0 in tests) before serving.
+    pub async fn build(args: &ServeArgs) -> Result<Self> {
+        let (store, hasher) = open_store(&args.store).await?;
+        let tokens = match &args.service_tokens {
+            Some(spec) => ServiceTokens::parse(spec)?,
+            None => ServiceTokens::default(),
+        };
+        if tokens.is_empty() {
+            tracing::warn!(
+                "no TAKUMO_SERVICE_TOKENS set: only API keys can call the service, and VerifyKey is unusable"
+            );
+        }
+        let usage = Usage::new(store.clone());
+        let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone());
+        let auth = Authenticator::new(tokens, verifier.clone());
+        let service = KeysService::new(store.clone(), hasher, verifier, auth);
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| Error::invalid(format!("TAKUMO_LISTEN {}: {e}", args.listen)))?;
+        Ok(Self {
+            listener,
+            store,
+            service,
+            usage,
+            usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.max(10)),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The usage counter, so tests and shutdown can force a flush.
+    pub fn usage(&self) -> Usage {
+        self.usage.clone()
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls and
+    /// flushes usage counts before returning.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let flusher = self
+            .usage
+            .spawn_flusher(self.usage_flush_interval, stop_rx.clone());
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<ApiKeyServiceServer<KeysService>>()
+            .await;
+        let prober = tokio::spawn(probe_health(self.store.clone(), health.clone(), stop_rx));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(Error::internal)?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(Error::internal)?;
+
+        let addr = self.local_addr();
+        tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
+        let result = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ApiKeyServiceServer::new(self.service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+                shutdown.await;
+                health
+                    .set_not_serving::<ApiKeyServiceServer<KeysService>>()
+                    .await;
+                tracing::info!("shutting down: draining in-flight calls");
+            })
+            .await;
+
+        let _ = stop_tx.send(true);
+        let _ = prober.await;
+        let _ = flusher.await;
+        tracing::info!("stopped");
+        result.map_err(Error::internal)
+    }
+}
+
+/// Keeps health true to the store: SERVING only while it answers.
+async fn probe_health(
+    store: Arc<dyn Store>,
+    health: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if ok != serving {
+            serving = ok;
+            if ok {
+                tracing::info!("store answers again: SERVING");
+                health
+                    .set_serving::<ApiKeyServiceServer<KeysService>>()
+                    .await;
+            } else {
+                tracing::warn!("store does not answer: NOT_SERVING");
+                health
+                    .set_not_serving::<ApiKeyServiceServer<KeysService>>()
+                    .await;
+            }
+        }
+    }
+}
+
+/// `takumo-keys bootstrap`: how an operator gets the first key of an
+/// organization. Returns the full key; the caller prints it once.
+pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, SecretString)> {
+    validate::ident("--organization", &args.organization)?;
+    validate::ident("--member", &args.member)?;
+    validate::name("--name", &args.name)?;
+    let (store, hasher) = open_store(&args.store).await?;
+    if let Some(plan) = args.plan {
+        store.set_plan(&args.organization, plan).await?;
+    }
+    issue_key(
+        &*store,
+        &hasher,
+        KeySpec {
+            organization_id: args.organization.clone(),
+            name: args.name.clone(),
+            scopes: scopes::expand_preset(Preset::Organization),
+            created_by: args.member.clone(),
+            environment: crate::model::Environment::Live,
+            expires_at: None,
+        },
+    )
+    .await
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,161 @@
+//! Persistence behind one trait, with a backend per database.
+//!
+//! The backend is chosen by the DSN's scheme in [`connect`]: `postgres://` for
+//! production, `sqlite://` for the embedded default. Each backend owns its
+//! migrations (`migrations/<backend>/`, same version numbers), runs them at
+//! connect, and translates its database errors at its own edge. Lookups return
+//! `Ok(None)` for "no such row"; the service decides what that means.
+
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+use crate::{
+    error::{Error, Result},
+    model::{
+        ApiKey, Cursor, KeyStats, KeyStatus, ListFilter, NewKey, Organization, Plan, UsageDelta,
+    },
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::{sync::Arc, time::Duration};
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `postgres` or `sqlite`, for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// Cheap round trip, for health checks.
+    async fn ping(&self) -> Result<()>;
+
+    /// Inserts `key` if its organization's plan allows one more counted key,
+    /// creating the organization (on Free) at first sight. The count and the
+    /// insert are one serialized step, so concurrent creates never overshoot.
+    async fn create_key(&self, key: NewKey) -> Result<ApiKey>;
+
+    async fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;
+
+    /// The key with its PHC hash, for verification only.
+    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, String)>>;
+
+    /// Newest first: `(created_at, id)` descending, strictly after `after`.
+    async fn list_keys(
+        &self,
+        organization_id: &str,
+        filter: &ListFilter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>>;
+
+    /// Sets ACTIVE or DISABLED. A revoked key is `FailedPrecondition`.
+    async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>>;
+
+    /// Moves the key to REVOKED (terminal). Revoking twice is not an error.
+    async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>>;
+
+    /// Removes the key row. `false` when there was none.
+    async fn delete_key(&self, id: &str) -> Result<bool>;
+
+    /// The organization, or a Free one if it has never been seen.
+    async fn get_organization(&self, id: &str) -> Result<Organization>;
+
+    async fn set_plan(&self, id: &str, plan: Plan) -> Result<Organization>;
+
+    async fn key_stats(&self, organization_id: &str, now: DateTime<Utc>) -> Result<KeyStats>;
+
+    /// Adds a batch of per-key, per-minute call counts (upsert-add, so
+    /// replicas add up) and moves `last_used_at` forward, never back.
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<()>;
+
+    /// Drops usage buckets older than `before`. Returns rows removed.
+    async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64>;
+}
+
+/// Connection settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// Server-side statement timeout (PostgreSQL), so a hung query frees its
+    /// connection instead of piling requests up behind it.
+    pub statement_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the store named by `dsn` and brings its schema up to date.
+pub async fn connect(dsn: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
+    let scheme = dsn.split_once(':').map(|(s, _)| s).unwrap_or_default();
+    match scheme {
+        "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::connect(dsn, opts).await?)),
+        "sqlite" => Ok(Arc::new(SqliteStore::connect(dsn, opts).await?)),
+        _ => Err(Error::invalid(
+            "DATABASE_URL must start with postgres:// or sqlite:// (the DSN itself is not shown, it may hold a password)",
+        )),
+    }
+}
+
+/// Maps a sqlx error that is not a "no rows" or constraint case: connection
+/// trouble is retryable UNAVAILABLE, anything else is internal.
+pub(crate) fn db_error(err: sqlx::Error) -> Error {
+    match err {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => Error::unavailable(err),
+        sqlx::Error::Database(ref db)
+            // 57014 query_canceled (statement timeout), 57P01..03 shutdown, 53300 too many connections, 08xxx connection
+            if db.code().is_some_and(|c| {
+                c == "57014" || c.starts_with("57P") || c == "53300" || c.starts_with("08")
+            }) =>
+        {
+            Error::unavailable(err)
+        }
+        other => Error::internal(other),
+    }
+}
+
+pub(crate) fn revoked_precondition(id: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "key {id} is revoked: revocation is permanent, so its status cannot change; create a new key instead"
+    ))
+}
+
+/// Truncates to whole microseconds, the resolution both backends store, so a
+/// timestamp read back equals the one written (keyset cursors rely on it).
+pub fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).expect("in range")
+}
+
+/// Sums deltas that share a `(key_id, minute)` bucket, so one batch touches
+/// each bucket once (PostgreSQL's upsert cannot touch a row twice in one statement).
+pub(crate) fn merge_usage(batch: &[UsageDelta]) -> Vec<UsageDelta> {
+    let mut merged: Vec<UsageDelta> = Vec::with_capacity(batch.len());
+    let mut index = std::collections::HashMap::with_capacity(batch.len());
+    for d in batch {
+        match index.get(&(d.key_id.as_str(), d.minute)) {
+            Some(&i) => {
+                let m: &mut UsageDelta = &mut merged[i];
+                m.calls += d.calls;
+                m.last_used_at = m.last_used_at.max(d.last_used_at);
+            }
+            None => {
+                index.insert((d.key_id.as_str(), d.minute), merged.len());
+                merged.push(d.clone());
+            }
+        }
+    }
+    merged
+}

@@ -1,0 +1,392 @@
+//! PostgreSQL backend: the production store, shared by every replica.
+
+use super::{Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use crate::{
+    error::{Error, Result},
+    model::{
+        ApiKey, Cursor, Environment, KeyStats, KeyStatus, ListFilter, NewKey, Organization, Plan,
+        UsageDelta,
+    },
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use sqlx::{
+    PgPool, Row,
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+};
+use std::str::FromStr;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Columns of a key row, as a macro so queries stay `&'static str` (sqlx
+/// refuses dynamic SQL).
+macro_rules! key_columns {
+    () => {
+        "id, organization_id, name, prefix, status, scopes, created_by, \
+         created_at, last_used_at, expires_at, environment"
+    };
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    pub async fn connect(dsn: &str, opts: &StoreOptions) -> Result<Self> {
+        let conn = PgConnectOptions::from_str(dsn)
+            .map_err(|_| Error::invalid("DATABASE_URL is not a valid postgres:// URL"))?
+            .application_name("takumo-keys")
+            .options([(
+                "statement_timeout",
+                format!("{}", opts.statement_timeout.as_millis()),
+            )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections)
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(conn)
+            .await
+            .map_err(db_error)?;
+        // sqlx holds a PostgreSQL advisory lock while migrating, so replicas
+        // starting together on an empty database migrate exactly once.
+        MIGRATOR.run(&pool).await.map_err(Error::internal)?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn key_from_row(row: &PgRow) -> Result<ApiKey> {
+    let status: String = row.try_get("status").map_err(db_error)?;
+    let env: String = row.try_get("environment").map_err(db_error)?;
+    Ok(ApiKey {
+        id: row.try_get("id").map_err(db_error)?,
+        organization_id: row.try_get("organization_id").map_err(db_error)?,
+        name: row.try_get("name").map_err(db_error)?,
+        prefix: row.try_get("prefix").map_err(db_error)?,
+        status: KeyStatus::parse(&status).ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("unknown status {status:?} in store"))
+        })?,
+        scopes: row.try_get("scopes").map_err(db_error)?,
+        created_by: row.try_get("created_by").map_err(db_error)?,
+        created_at: row.try_get("created_at").map_err(db_error)?,
+        last_used_at: row.try_get("last_used_at").map_err(db_error)?,
+        expires_at: row.try_get("expires_at").map_err(db_error)?,
+        environment: Environment::parse(&env).ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("unknown environment {env:?} in store"))
+        })?,
+    })
+}
+
+fn plan_from(s: &str) -> Result<Plan> {
+    Plan::parse(s).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown plan {s:?} in store")))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn create_key(&self, key: NewKey) -> Result<ApiKey> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        sqlx::query("INSERT INTO organizations (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+            .bind(&key.organization_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        // The row lock serializes creates per organization: the count below
+        // cannot change until this transaction ends.
+        let plan: String =
+            sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1 FOR UPDATE")
+                .bind(&key.organization_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        let plan = plan_from(&plan)?;
+        if let Some(limit) = plan.key_limit() {
+            let counted: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND status IN ('active', 'disabled')",
+            )
+            .bind(&key.organization_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if counted >= limit {
+                return Err(Error::LimitExceeded { plan, limit });
+            }
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
+             created_at, expires_at, environment, secret_hash) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10) RETURNING ",
+            key_columns!(),
+            ""
+        ))
+        .bind(&key.id)
+        .bind(&key.organization_id)
+        .bind(&key.name)
+        .bind(&key.prefix)
+        .bind(&key.scopes)
+        .bind(&key.created_by)
+        .bind(key.created_at)
+        .bind(key.expires_at)
+        .bind(key.environment.as_str())
+        .bind(&key.secret_hash)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+                Error::internal(anyhow::anyhow!("key id collision; retry"))
+            }
+            e => db_error(e),
+        })?;
+        sqlx::query(
+            "UPDATE organizations SET keys_created = keys_created + 1, updated_at = now() WHERE id = $1",
+        )
+        .bind(&key.organization_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let created = key_from_row(&row)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(created)
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, String)>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            ", secret_hash FROM api_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                key_from_row(&r)?,
+                r.try_get("secret_hash").map_err(db_error)?,
+            ))),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        organization_id: &str,
+        filter: &ListFilter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys \
+             WHERE organization_id = $1 \
+               AND ($2::text IS NULL OR status = $2) \
+               AND ($3::text IS NULL OR created_by = $3) \
+               AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5)) \
+             ORDER BY created_at DESC, id DESC LIMIT $6"
+        ))
+        .bind(organization_id)
+        .bind(filter.status.map(KeyStatus::as_str))
+        .bind(filter.created_by.as_deref())
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.id.as_str()).unwrap_or(""))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET status = $2, updated_at = now() \
+             WHERE id = $1 AND status <> 'revoked' RETURNING ",
+            key_columns!(),
+            ""
+        ))
+        .bind(id)
+        .bind(status.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        match row {
+            Some(r) => key_from_row(&r).map(Some),
+            None => match self.get_key(id).await? {
+                Some(_) => Err(revoked_precondition(id)),
+                None => Ok(None),
+            },
+        }
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET status = 'revoked', updated_at = now() WHERE id = $1 RETURNING ",
+            key_columns!(),
+            ""
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM api_keys WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_organization(&self, id: &str) -> Result<Organization> {
+        let plan: Option<String> =
+            sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(Organization {
+            id: id.to_owned(),
+            plan: plan
+                .as_deref()
+                .map(plan_from)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn set_plan(&self, id: &str, plan: Plan) -> Result<Organization> {
+        sqlx::query(
+            "INSERT INTO organizations (id, plan) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET plan = EXCLUDED.plan, updated_at = now()",
+        )
+        .bind(id)
+        .bind(plan.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(Organization {
+            id: id.to_owned(),
+            plan,
+        })
+    }
+
+    async fn key_stats(&self, organization_id: &str, now: DateTime<Utc>) -> Result<KeyStats> {
+        let row = sqlx::query(
+            "SELECT \
+               o.plan, o.keys_created, o.last_call_at, \
+               (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.status = 'active' \
+                  AND (k.expires_at IS NULL OR k.expires_at > $2)) AS active_keys, \
+               (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id \
+                  AND k.status IN ('active', 'disabled')) AS keys_counted, \
+               (SELECT coalesce(sum(u.calls), 0)::bigint FROM usage_minutes u \
+                  WHERE u.organization_id = o.id AND u.minute > $3) AS calls \
+             FROM organizations o WHERE o.id = $1",
+        )
+        .bind(organization_id)
+        .bind(now)
+        // Buckets are minute-aligned: a bucket counts when any of it lies in the window.
+        .bind(now - ChronoDuration::hours(24) - ChronoDuration::minutes(1))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let Some(row) = row else {
+            return Ok(KeyStats {
+                total_keys: 0,
+                active_keys: 0,
+                keys_counted: 0,
+                api_calls_24h: 0,
+                last_call_at: None,
+                plan: Plan::Free,
+            });
+        };
+        let plan: String = row.try_get("plan").map_err(db_error)?;
+        Ok(KeyStats {
+            total_keys: row.try_get("keys_created").map_err(db_error)?,
+            active_keys: row.try_get("active_keys").map_err(db_error)?,
+            keys_counted: row.try_get("keys_counted").map_err(db_error)?,
+            api_calls_24h: row.try_get("calls").map_err(db_error)?,
+            last_call_at: row.try_get("last_call_at").map_err(db_error)?,
+            plan: plan_from(&plan)?,
+        })
+    }
+
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = merge_usage(batch);
+        let key_ids: Vec<&str> = batch.iter().map(|d| d.key_id.as_str()).collect();
+        let orgs: Vec<&str> = batch.iter().map(|d| d.organization_id.as_str()).collect();
+        let minutes: Vec<DateTime<Utc>> = batch.iter().map(|d| d.minute).collect();
+        let calls: Vec<i64> = batch.iter().map(|d| d.calls).collect();
+        let last: Vec<DateTime<Utc>> = batch.iter().map(|d| d.last_used_at).collect();
+        // One statement per flush, whatever the batch size: buckets, keys'
+        // last_used_at and organizations' last_call_at move together.
+        sqlx::query(
+            "WITH d AS ( \
+               SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::timestamptz[]) \
+                 AS t(key_id, organization_id, minute, calls, last_used_at)), \
+             buckets AS ( \
+               INSERT INTO usage_minutes AS u (key_id, organization_id, minute, calls, last_used_at) \
+               SELECT key_id, organization_id, minute, calls, last_used_at FROM d \
+               ON CONFLICT (key_id, minute) DO UPDATE \
+                 SET calls = u.calls + EXCLUDED.calls, \
+                     last_used_at = greatest(u.last_used_at, EXCLUDED.last_used_at)), \
+             keys AS ( \
+               UPDATE api_keys k SET last_used_at = greatest(k.last_used_at, m.t) \
+               FROM (SELECT key_id, max(last_used_at) AS t FROM d GROUP BY key_id) m \
+               WHERE k.id = m.key_id) \
+             UPDATE organizations o SET last_call_at = greatest(o.last_call_at, m.t) \
+             FROM (SELECT organization_id, max(last_used_at) AS t FROM d GROUP BY organization_id) m \
+             WHERE o.id = m.organization_id",
+        )
+        .bind(&key_ids)
+        .bind(&orgs)
+        .bind(&minutes)
+        .bind(&calls)
+        .bind(&last)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM usage_minutes WHERE minute < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+}

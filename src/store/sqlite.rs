@@ -1,0 +1,432 @@
+//! SQLite backend: the embedded default, so one command runs the service with
+//! no setup. One process owns the file; writes that must be serialized (the
+//! plan-limit check) take SQLite's write lock up front with `BEGIN IMMEDIATE`.
+
+use super::{Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use crate::{
+    error::{Error, Result},
+    model::{
+        ApiKey, Cursor, Environment, KeyStats, KeyStatus, ListFilter, NewKey, Organization, Plan,
+        UsageDelta,
+    },
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use sqlx::{
+    Row, SqlitePool,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    },
+};
+use std::{path::PathBuf, str::FromStr, time::Duration};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Columns of a key row, as a macro so queries stay `&'static str` (sqlx
+/// refuses dynamic SQL).
+macro_rules! key_columns {
+    () => {
+        "id, organization_id, name, prefix, status, scopes, created_by, \
+         created_at, last_used_at, expires_at, environment"
+    };
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(v)
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("timestamp {v} out of range in store")))
+}
+
+fn opt_from_micros(v: Option<i64>) -> Result<Option<DateTime<Utc>>> {
+    v.map(from_micros).transpose()
+}
+
+fn now_micros() -> i64 {
+    micros(Utc::now())
+}
+
+impl SqliteStore {
+    pub async fn connect(dsn: &str, opts: &StoreOptions) -> Result<Self> {
+        let conn = SqliteConnectOptions::from_str(dsn)
+            .map_err(|_| Error::invalid("DATABASE_URL is not a valid sqlite:// URL"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(opts.acquire_timeout.max(Duration::from_secs(5)));
+        let path = conn.get_filename().to_path_buf();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(opts.max_connections.min(8))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(conn)
+            .await
+            .map_err(db_error)?;
+        MIGRATOR.run(&pool).await.map_err(Error::internal)?;
+        Ok(Self { pool, path })
+    }
+
+    /// The database file, so the embedded pepper can live beside it.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
+    let status: String = row.try_get("status").map_err(db_error)?;
+    let env: String = row.try_get("environment").map_err(db_error)?;
+    let scopes: String = row.try_get("scopes").map_err(db_error)?;
+    Ok(ApiKey {
+        id: row.try_get("id").map_err(db_error)?,
+        organization_id: row.try_get("organization_id").map_err(db_error)?,
+        name: row.try_get("name").map_err(db_error)?,
+        prefix: row.try_get("prefix").map_err(db_error)?,
+        status: KeyStatus::parse(&status).ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("unknown status {status:?} in store"))
+        })?,
+        scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+        created_by: row.try_get("created_by").map_err(db_error)?,
+        created_at: from_micros(row.try_get("created_at").map_err(db_error)?)?,
+        last_used_at: opt_from_micros(row.try_get("last_used_at").map_err(db_error)?)?,
+        expires_at: opt_from_micros(row.try_get("expires_at").map_err(db_error)?)?,
+        environment: Environment::parse(&env).ok_or_else(|| {
+            Error::internal(anyhow::anyhow!("unknown environment {env:?} in store"))
+        })?,
+    })
+}
+
+fn plan_from(s: &str) -> Result<Plan> {
+    Plan::parse(s).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown plan {s:?} in store")))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn create_key(&self, key: NewKey) -> Result<ApiKey> {
+        // IMMEDIATE takes the write lock now, so the count and the insert
+        // below see no concurrent create in between.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        let now = now_micros();
+        sqlx::query(
+            "INSERT INTO organizations (id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&key.organization_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
+            .bind(&key.organization_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let plan = plan_from(&plan)?;
+        if let Some(limit) = plan.key_limit() {
+            let counted: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM api_keys WHERE organization_id = ?1 AND status IN ('active', 'disabled')",
+            )
+            .bind(&key.organization_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if counted >= limit {
+                return Err(Error::LimitExceeded { plan, limit });
+            }
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
+             created_at, expires_at, environment, secret_hash, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING ",
+            key_columns!(),
+            ""
+        ))
+        .bind(&key.id)
+        .bind(&key.organization_id)
+        .bind(&key.name)
+        .bind(&key.prefix)
+        .bind(key.scopes.join(" "))
+        .bind(&key.created_by)
+        .bind(micros(key.created_at))
+        .bind(key.expires_at.map(micros))
+        .bind(key.environment.as_str())
+        .bind(&key.secret_hash)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+                Error::internal(anyhow::anyhow!("key id collision; retry"))
+            }
+            e => db_error(e),
+        })?;
+        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = ?2 WHERE id = ?1")
+            .bind(&key.organization_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        let created = key_from_row(&row)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(created)
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, String)>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            ", secret_hash FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                key_from_row(&r)?,
+                r.try_get("secret_hash").map_err(db_error)?,
+            ))),
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        organization_id: &str,
+        filter: &ListFilter,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys \
+             WHERE organization_id = ?1 \
+               AND (?2 IS NULL OR status = ?2) \
+               AND (?3 IS NULL OR created_by = ?3) \
+               AND (?4 IS NULL OR created_at < ?4 OR (created_at = ?4 AND id < ?5)) \
+             ORDER BY created_at DESC, id DESC LIMIT ?6"
+        ))
+        .bind(organization_id)
+        .bind(filter.status.map(KeyStatus::as_str))
+        .bind(filter.created_by.as_deref())
+        .bind(after.map(|c| micros(c.created_at)))
+        .bind(after.map(|c| c.id.as_str()).unwrap_or(""))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET status = ?2, updated_at = ?3 \
+             WHERE id = ?1 AND status <> 'revoked' RETURNING ",
+            key_columns!(),
+            ""
+        ))
+        .bind(id)
+        .bind(status.as_str())
+        .bind(now_micros())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        match row {
+            Some(r) => key_from_row(&r).map(Some),
+            None => match self.get_key(id).await? {
+                Some(_) => Err(revoked_precondition(id)),
+                None => Ok(None),
+            },
+        }
+    }
+
+    async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET status = 'revoked', updated_at = ?2 WHERE id = ?1 RETURNING ",
+            key_columns!(),
+            ""
+        ))
+        .bind(id)
+        .bind(now_micros())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM api_keys WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn get_organization(&self, id: &str) -> Result<Organization> {
+        let plan: Option<String> =
+            sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(Organization {
+            id: id.to_owned(),
+            plan: plan
+                .as_deref()
+                .map(plan_from)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn set_plan(&self, id: &str, plan: Plan) -> Result<Organization> {
+        sqlx::query(
+            "INSERT INTO organizations (id, plan, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) \
+             ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, updated_at = excluded.updated_at",
+        )
+        .bind(id)
+        .bind(plan.as_str())
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(Organization {
+            id: id.to_owned(),
+            plan,
+        })
+    }
+
+    async fn key_stats(&self, organization_id: &str, now: DateTime<Utc>) -> Result<KeyStats> {
+        let row = sqlx::query(
+            "SELECT \
+               o.plan, o.keys_created, o.last_call_at, \
+               (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.status = 'active' \
+                  AND (k.expires_at IS NULL OR k.expires_at > ?2)) AS active_keys, \
+               (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id \
+                  AND k.status IN ('active', 'disabled')) AS keys_counted, \
+               (SELECT coalesce(sum(u.calls), 0) FROM usage_minutes u \
+                  WHERE u.organization_id = o.id AND u.minute > ?3) AS calls \
+             FROM organizations o WHERE o.id = ?1",
+        )
+        .bind(organization_id)
+        .bind(micros(now))
+        .bind(micros(now - ChronoDuration::hours(24) - ChronoDuration::minutes(1)))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let Some(row) = row else {
+            return Ok(KeyStats {
+                total_keys: 0,
+                active_keys: 0,
+                keys_counted: 0,
+                api_calls_24h: 0,
+                last_call_at: None,
+                plan: Plan::Free,
+            });
+        };
+        let plan: String = row.try_get("plan").map_err(db_error)?;
+        Ok(KeyStats {
+            total_keys: row.try_get("keys_created").map_err(db_error)?,
+            active_keys: row.try_get("active_keys").map_err(db_error)?,
+            keys_counted: row.try_get("keys_counted").map_err(db_error)?,
+            api_calls_24h: row.try_get("calls").map_err(db_error)?,
+            last_call_at: opt_from_micros(row.try_get("last_call_at").map_err(db_error)?)?,
+            plan: plan_from(&plan)?,
+        })
+    }
+
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = merge_usage(batch);
+        // One transaction per flush: an embedded file has no network round
+        // trips to save, only fsyncs.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db_error)?;
+        for d in &batch {
+            sqlx::query(
+                "INSERT INTO usage_minutes (key_id, organization_id, minute, calls, last_used_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (key_id, minute) DO UPDATE \
+                   SET calls = calls + excluded.calls, \
+                       last_used_at = max(last_used_at, excluded.last_used_at)",
+            )
+            .bind(&d.key_id)
+            .bind(&d.organization_id)
+            .bind(micros(d.minute))
+            .bind(d.calls)
+            .bind(micros(d.last_used_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?2) WHERE id = ?1",
+            )
+            .bind(&d.key_id)
+            .bind(micros(d.last_used_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            sqlx::query(
+                "UPDATE organizations SET last_call_at = max(coalesce(last_call_at, 0), ?2) WHERE id = ?1",
+            )
+            .bind(&d.organization_id)
+            .bind(micros(d.last_used_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM usage_minutes WHERE minute < ?1")
+            .bind(micros(before))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
+    }
+}
