@@ -70,7 +70,20 @@ impl SqliteStore {
             .connect_with(conn)
             .await
             .map_err(db_error)?;
-        MIGRATOR.run(&pool).await.map_err(Error::internal)?;
+        // SQLite's migrator takes no lock: when several processes open a new
+        // file at once, the losers fail on "already exists". Running again
+        // finds the winner's migrations applied.
+        let mut attempt = 0;
+        loop {
+            match MIGRATOR.run(&pool).await {
+                Ok(()) => break,
+                Err(_) if attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(Error::internal(e)),
+            }
+        }
         Ok(Self { pool, path })
     }
 

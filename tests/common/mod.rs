@@ -1,0 +1,281 @@
+//! Shared test harness: a fresh database per test (a PostgreSQL database or a
+//! SQLite file), and the real server on an ephemeral port with a tonic client.
+#![allow(dead_code)]
+
+use sqlx::{Connection, PgConnection};
+use std::sync::Arc;
+use takumo_keys::{
+    config::{LogFormat, ServeArgs, StoreArgs},
+    proto::pb::api_key_service_client::ApiKeyServiceClient,
+    secret::SecretString,
+    startup::Application,
+    store::{self, Store, StoreOptions},
+    usage::Usage,
+};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+pub const SERVICE_TOKEN: &str = "svc-token-0123456789abcdef0123456789abcdef";
+pub const PEPPER: &str = "test-pepper-0123456789abcdef";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database that lives as long as this guard.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<TempDir>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+                Self {
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let admin = admin_url();
+                let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+                    panic!(
+                        "PostgreSQL is not reachable at TEST_DATABASE_URL ({e}). Start it with \
+                         `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+                         or point TEST_DATABASE_URL at a server where user postgres may create databases"
+                    )
+                });
+                let name = format!("tk_test_{}", uuid_like());
+                // The name is ours (letters only), so building the SQL is safe.
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                Self {
+                    url: with_database(&admin, &name),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+}
+
+/// `admin` with its database path replaced by `name`, query string kept.
+fn with_database(admin: &str, name: &str) -> String {
+    let (base, query) = admin
+        .split_once('?')
+        .map_or((admin, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut url = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs inside or outside a runtime; a thread of its own works in both.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn uuid_like() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| char::from(b'a' + rng.random_range(0..26)))
+        .collect()
+}
+
+/// A store on a fresh database, for the conformance suite.
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    pub db: TestDb,
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store;
+    fn deref(&self) -> &Self::Target {
+        &*self.store
+    }
+}
+
+pub async fn test_store(backend: Backend) -> TestStore {
+    let db = TestDb::new(backend).await;
+    let store = store::connect(&db.url, &StoreOptions::default())
+        .await
+        .expect("connect store");
+    TestStore { store, db }
+}
+
+/// Arguments of a test server on `url`: cheap argon2 (the defaults are
+/// covered by their own test), a fixed pepper and one service token.
+pub fn serve_args(url: &str) -> ServeArgs {
+    ServeArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        service_tokens: Some(SecretString::new(format!("dashboard={SERVICE_TOKEN}"))),
+        usage_flush_interval_ms: 60_000,
+        log_format: LogFormat::Text,
+        store: StoreArgs {
+            database_url: SecretString::new(url),
+            pepper: Some(SecretString::new(PEPPER)),
+            pepper_file: None,
+            argon2_memory_kib: 256,
+            argon2_iterations: 1,
+            argon2_parallelism: 1,
+            db_max_connections: 8,
+            db_acquire_timeout_ms: 5_000,
+            db_statement_timeout_ms: 5_000,
+        },
+    }
+}
+
+/// The real server on an ephemeral port; stopped when dropped.
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub client: ApiKeyServiceClient<Channel>,
+    pub usage: Usage,
+    pub store: Arc<dyn Store>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<takumo_keys::Result<()>>>,
+    pub db: Arc<TestDb>,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> Self {
+        let db = Arc::new(TestDb::new(backend).await);
+        Self::spawn_on(db, serve_args).await
+    }
+
+    pub async fn spawn_on(db: Arc<TestDb>, args: impl FnOnce(&str) -> ServeArgs) -> Self {
+        init_logs();
+        let app = Application::build(&args(&db.url)).await.expect("build app");
+        let addr = app.local_addr();
+        let usage = app.usage();
+        let store = app.store();
+        let (tx, rx) = oneshot::channel();
+        let server = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        Self {
+            addr,
+            client: ApiKeyServiceClient::new(channel),
+            usage,
+            store,
+            stop: Some(tx),
+            server: Some(server),
+            db,
+        }
+    }
+
+    /// Stops the server and waits for it to drain and flush.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.server.take() {
+            h.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Logs print only when TEST_LOG is set.
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A request carrying `token` as its bearer.
+pub fn with_bearer<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    r
+}
+
+/// A request from the dashboard backend acting for `actor`.
+pub fn as_service<T>(msg: T, actor: &str) -> Request<T> {
+    let mut r = with_bearer(msg, SERVICE_TOKEN);
+    r.metadata_mut()
+        .insert("x-takumo-actor", MetadataValue::try_from(actor).unwrap());
+    r
+}
+
+/// Expands each named test function for both backends.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,437 @@
+//! One store suite, run against every backend: each test gets its own
+//! database, so the suite runs in parallel.
+
+mod common;
+
+use chrono::{Duration, DurationRound, Utc};
+use common::{Backend, TestStore, test_store};
+use std::sync::Arc;
+use takumo_keys::{
+    Error, keys,
+    model::{Environment, KeyStatus, ListFilter, NewKey, Plan, UsageDelta},
+    store::{self, StoreOptions, truncate_micros},
+};
+
+fn new_key(org: &str, created_by: &str) -> NewKey {
+    let g = keys::generate(Environment::Live);
+    NewKey {
+        id: g.id.clone(),
+        organization_id: org.into(),
+        name: "ci-pipeline".into(),
+        prefix: g.display_prefix(),
+        scopes: vec!["api_keys.read".into(), "fleet.read".into()],
+        created_by: created_by.into(),
+        created_at: truncate_micros(Utc::now()),
+        expires_at: None,
+        environment: Environment::Live,
+        secret_hash: "$argon2id$v=19$m=256,t=1,p=1$c2FsdHNhbHQ$aGFzaA".into(),
+    }
+}
+
+async fn create_key_then_get_returns_the_same_key(b: Backend) {
+    let s = test_store(b).await;
+    let nk = new_key("acme", "alice");
+    let created = s.create_key(nk.clone()).await.unwrap();
+    assert_eq!(created.id, nk.id);
+    assert_eq!(created.status, KeyStatus::Active);
+    assert_eq!(created.scopes, nk.scopes);
+    assert_eq!(created.created_at, nk.created_at);
+    assert_eq!(created.last_used_at, None);
+    let got = s.get_key(&nk.id).await.unwrap().unwrap();
+    assert_eq!(got, created);
+    let (with_hash, phc) = s.get_key_with_hash(&nk.id).await.unwrap().unwrap();
+    assert_eq!(with_hash, created);
+    assert_eq!(phc, nk.secret_hash);
+}
+
+async fn unknown_key_is_none(b: Backend) {
+    let s = test_store(b).await;
+    assert!(s.get_key("0000000000000000").await.unwrap().is_none());
+    assert!(
+        s.get_key_with_hash("0000000000000000")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        s.set_status("0000000000000000", KeyStatus::Disabled)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(s.revoke_key("0000000000000000").await.unwrap().is_none());
+    assert!(!s.delete_key("0000000000000000").await.unwrap());
+}
+
+async fn unseen_organization_is_on_free(b: Backend) {
+    let s = test_store(b).await;
+    assert_eq!(
+        s.get_organization("new-org").await.unwrap().plan,
+        Plan::Free
+    );
+    let stats = s.key_stats("new-org", Utc::now()).await.unwrap();
+    assert_eq!(
+        (stats.plan, stats.total_keys, stats.api_calls_24h),
+        (Plan::Free, 0, 0)
+    );
+    s.set_plan("new-org", Plan::Pro).await.unwrap();
+    assert_eq!(s.get_organization("new-org").await.unwrap().plan, Plan::Pro);
+    s.set_plan("new-org", Plan::Developer).await.unwrap();
+    assert_eq!(
+        s.get_organization("new-org").await.unwrap().plan,
+        Plan::Developer
+    );
+}
+
+async fn plan_limit_counts_active_and_disabled_but_not_revoked_or_deleted(b: Backend) {
+    let s = test_store(b).await;
+    let a = s.create_key(new_key("acme", "alice")).await.unwrap();
+    let d = s.create_key(new_key("acme", "alice")).await.unwrap();
+    let r = s.create_key(new_key("acme", "alice")).await.unwrap();
+    s.set_status(&d.id, KeyStatus::Disabled).await.unwrap();
+    let err = s.create_key(new_key("acme", "alice")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                plan: Plan::Free,
+                limit: 3
+            }
+        ),
+        "{err:?}"
+    );
+    s.revoke_key(&r.id).await.unwrap();
+    let fourth = s.create_key(new_key("acme", "alice")).await.unwrap();
+    assert!(s.create_key(new_key("acme", "alice")).await.is_err());
+    assert!(s.delete_key(&fourth.id).await.unwrap());
+    s.create_key(new_key("acme", "alice")).await.unwrap();
+    let _ = a;
+    // Another organization has a limit of its own.
+    s.create_key(new_key("other", "bob")).await.unwrap();
+}
+
+async fn downgrade_keeps_existing_keys_but_blocks_new_ones(b: Backend) {
+    let s = test_store(b).await;
+    s.set_plan("acme", Plan::Developer).await.unwrap();
+    let mut ids = vec![];
+    for _ in 0..5 {
+        ids.push(s.create_key(new_key("acme", "alice")).await.unwrap().id);
+    }
+    s.set_plan("acme", Plan::Free).await.unwrap();
+    assert!(matches!(
+        s.create_key(new_key("acme", "alice")).await,
+        Err(Error::LimitExceeded { .. })
+    ));
+    for id in ids {
+        assert_eq!(
+            s.get_key(&id).await.unwrap().unwrap().status,
+            KeyStatus::Active
+        );
+    }
+}
+
+async fn concurrent_creates_never_exceed_the_plan_limit(b: Backend) {
+    let s = test_store(b).await;
+    let store = s.store.clone();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create_key(new_key("race", "alice")).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(Error::LimitExceeded { .. }) => {}
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(ok, 3);
+    let stats = s.key_stats("race", Utc::now()).await.unwrap();
+    assert_eq!((stats.total_keys, stats.keys_counted), (3, 3));
+}
+
+async fn list_is_newest_first_and_pages_by_keyset(b: Backend) {
+    let s = test_store(b).await;
+    s.set_plan("acme", Plan::Enterprise).await.unwrap();
+    let base = truncate_micros(Utc::now());
+    let mut ids = vec![];
+    for i in 0..7 {
+        let mut k = new_key("acme", if i % 2 == 0 { "alice" } else { "bob" });
+        // Two keys share a timestamp, so the id tie-break is exercised.
+        k.created_at = base + Duration::milliseconds((i / 2) as i64);
+        ids.push((k.created_at, k.id.clone()));
+        s.create_key(k).await.unwrap();
+    }
+    s.create_key(new_key("other", "carol")).await.unwrap();
+    ids.sort();
+    ids.reverse();
+    let want: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
+
+    let mut got = vec![];
+    let mut after = None;
+    loop {
+        let page = s
+            .list_keys("acme", &ListFilter::default(), after.as_ref(), 3)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        let last = page.last().unwrap();
+        after = Some(takumo_keys::model::Cursor {
+            created_at: last.created_at,
+            id: last.id.clone(),
+        });
+        got.extend(page.into_iter().map(|k| k.id));
+    }
+    assert_eq!(got, want);
+
+    let bobs = s
+        .list_keys(
+            "acme",
+            &ListFilter {
+                created_by: Some("bob".into()),
+                status: None,
+            },
+            None,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(bobs.len(), 3);
+    assert!(bobs.iter().all(|k| k.created_by == "bob"));
+    s.set_status(&want[0], KeyStatus::Disabled).await.unwrap();
+    let disabled = s
+        .list_keys(
+            "acme",
+            &ListFilter {
+                status: Some(KeyStatus::Disabled),
+                created_by: None,
+            },
+            None,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        disabled.iter().map(|k| k.id.clone()).collect::<Vec<_>>(),
+        vec![want[0].clone()]
+    );
+}
+
+async fn revoked_key_cannot_change_status(b: Backend) {
+    let s = test_store(b).await;
+    let k = s.create_key(new_key("acme", "alice")).await.unwrap();
+    assert_eq!(
+        s.set_status(&k.id, KeyStatus::Disabled)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        KeyStatus::Disabled
+    );
+    // Idempotent toggles.
+    assert_eq!(
+        s.set_status(&k.id, KeyStatus::Disabled)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        KeyStatus::Disabled
+    );
+    assert_eq!(
+        s.set_status(&k.id, KeyStatus::Active)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        KeyStatus::Active
+    );
+    assert_eq!(
+        s.revoke_key(&k.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+    assert_eq!(
+        s.revoke_key(&k.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+    let err = s.set_status(&k.id, KeyStatus::Active).await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(
+        s.get_key(&k.id).await.unwrap().unwrap().status,
+        KeyStatus::Revoked
+    );
+}
+
+async fn deleted_key_is_gone_but_still_counts_in_total_keys(b: Backend) {
+    let s = test_store(b).await;
+    let k = s.create_key(new_key("acme", "alice")).await.unwrap();
+    s.create_key(new_key("acme", "alice")).await.unwrap();
+    assert!(s.delete_key(&k.id).await.unwrap());
+    assert!(s.get_key(&k.id).await.unwrap().is_none());
+    let stats = s.key_stats("acme", Utc::now()).await.unwrap();
+    assert_eq!(
+        (stats.total_keys, stats.active_keys, stats.keys_counted),
+        (2, 1, 1)
+    );
+}
+
+async fn active_keys_exclude_disabled_and_expired(b: Backend) {
+    let s = test_store(b).await;
+    let mut expired = new_key("acme", "alice");
+    expired.expires_at = Some(truncate_micros(Utc::now() + Duration::milliseconds(1)));
+    s.create_key(expired).await.unwrap();
+    let d = s.create_key(new_key("acme", "alice")).await.unwrap();
+    s.set_status(&d.id, KeyStatus::Disabled).await.unwrap();
+    s.create_key(new_key("acme", "alice")).await.unwrap();
+    let stats = s
+        .key_stats("acme", Utc::now() + Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats.active_keys, stats.keys_counted, stats.total_keys),
+        (1, 3, 3)
+    );
+}
+
+async fn usage_adds_up_and_last_used_only_moves_forward(b: Backend) {
+    let s = test_store(b).await;
+    let k = s.create_key(new_key("acme", "alice")).await.unwrap();
+    let now = truncate_micros(Utc::now());
+    let minute = now.duration_trunc(Duration::minutes(1)).unwrap();
+    let delta = |calls, at| UsageDelta {
+        key_id: k.id.clone(),
+        organization_id: "acme".into(),
+        minute,
+        calls,
+        last_used_at: at,
+    };
+    // Two replicas flushing the same bucket add up; duplicates in one batch merge.
+    s.record_usage(&[delta(3, now), delta(2, now - Duration::seconds(1))])
+        .await
+        .unwrap();
+    s.record_usage(&[delta(5, now - Duration::seconds(2))])
+        .await
+        .unwrap();
+    let stats = s.key_stats("acme", now).await.unwrap();
+    assert_eq!(stats.api_calls_24h, 10);
+    assert_eq!(stats.last_call_at, Some(now));
+    assert_eq!(
+        s.get_key(&k.id).await.unwrap().unwrap().last_used_at,
+        Some(now)
+    );
+    s.record_usage(&[]).await.unwrap();
+}
+
+async fn deleted_keys_calls_still_count_in_24h(b: Backend) {
+    let s = test_store(b).await;
+    let k = s.create_key(new_key("acme", "alice")).await.unwrap();
+    let now = truncate_micros(Utc::now());
+    let minute = now.duration_trunc(Duration::minutes(1)).unwrap();
+    s.record_usage(&[UsageDelta {
+        key_id: k.id.clone(),
+        organization_id: "acme".into(),
+        minute,
+        calls: 4,
+        last_used_at: now,
+    }])
+    .await
+    .unwrap();
+    s.delete_key(&k.id).await.unwrap();
+    assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 4);
+    // Usage of a key deleted before its flush still lands.
+    s.record_usage(&[UsageDelta {
+        key_id: k.id.clone(),
+        organization_id: "acme".into(),
+        minute,
+        calls: 1,
+        last_used_at: now,
+    }])
+    .await
+    .unwrap();
+    assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 5);
+}
+
+async fn calls_older_than_24h_do_not_count_and_prune_removes_them(b: Backend) {
+    let s = test_store(b).await;
+    let k = s.create_key(new_key("acme", "alice")).await.unwrap();
+    let now = truncate_micros(Utc::now());
+    let old = (now - Duration::hours(30))
+        .duration_trunc(Duration::minutes(1))
+        .unwrap();
+    let recent = now.duration_trunc(Duration::minutes(1)).unwrap();
+    s.record_usage(&[
+        UsageDelta {
+            key_id: k.id.clone(),
+            organization_id: "acme".into(),
+            minute: old,
+            calls: 7,
+            last_used_at: old,
+        },
+        UsageDelta {
+            key_id: k.id.clone(),
+            organization_id: "acme".into(),
+            minute: recent,
+            calls: 2,
+            last_used_at: now,
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 2);
+    assert_eq!(s.prune_usage(now - Duration::hours(25)).await.unwrap(), 1);
+    assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 2);
+}
+
+async fn migrations_run_twice_without_harm(b: Backend) {
+    let s: TestStore = test_store(b).await;
+    s.create_key(new_key("acme", "alice")).await.unwrap();
+    let again = store::connect(&s.db.url, &StoreOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        again
+            .key_stats("acme", Utc::now())
+            .await
+            .unwrap()
+            .total_keys,
+        1
+    );
+}
+
+async fn replicas_starting_together_migrate_once(b: Backend) {
+    let db = Arc::new(common::TestDb::new(b).await);
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                store::connect(&url, &StoreOptions::default())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("each replica starts");
+    }
+}
+
+for_each_backend!(
+    create_key_then_get_returns_the_same_key,
+    unknown_key_is_none,
+    unseen_organization_is_on_free,
+    plan_limit_counts_active_and_disabled_but_not_revoked_or_deleted,
+    downgrade_keeps_existing_keys_but_blocks_new_ones,
+    concurrent_creates_never_exceed_the_plan_limit,
+    list_is_newest_first_and_pages_by_keyset,
+    revoked_key_cannot_change_status,
+    deleted_key_is_gone_but_still_counts_in_total_keys,
+    active_keys_exclude_disabled_and_expired,
+    usage_adds_up_and_last_used_only_moves_forward,
+    deleted_keys_calls_still_count_in_24h,
+    calls_older_than_24h_do_not_count_and_prune_removes_them,
+    migrations_run_twice_without_harm,
+    replicas_starting_together_migrate_once,
+);
