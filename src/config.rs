@@ -34,6 +34,18 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write a first organization-preset key straight to the store and print it once.
     Bootstrap(BootstrapArgs),
+    /// Exit 0 when the server at `--addr` reports SERVING (for container health checks).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// gRPC address of the server to check.
+    #[arg(long, env = "TAKUMO_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub addr: SocketAddr,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

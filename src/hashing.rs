@@ -147,6 +147,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn default_parameters_are_owasps_argon2id() {
+        let h = Hasher::new(
+            SecretString::new("pepper-0123456789abcdef"),
+            HashParams::default(),
+        )
+        .unwrap();
+        let phc = h.hash(SecretString::new("k")).await.unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+    }
+
+    #[tokio::test]
     async fn hash_verifies_only_with_the_same_pepper() {
         let a = cheap("pepper-one-0123456789");
         let b = cheap("pepper-two-0123456789");

@@ -91,18 +91,22 @@ pub fn generate(env: Environment) -> GeneratedKey {
     let mut rng = OsRng.unwrap_err();
     let mut id = String::with_capacity(ID_LEN);
     random_base62(&mut rng, ID_LEN, &mut id);
-    let mut full = String::with_capacity(KEY_LEN);
-    full.push_str(env_prefix(env));
-    full.push_str(&id);
     let mut secret = String::with_capacity(SECRET_LEN);
     random_base62(&mut rng, SECRET_LEN, &mut secret);
-    full.push_str(&secret);
+    let full = compose(env, &id, &secret);
+    GeneratedKey { id, full }
+}
+
+/// Assembles a key from its parts and appends the checksum. Public so tests
+/// and benchmarks can build well-formed keys with a chosen id and secret.
+pub fn compose(env: Environment, id: &str, secret: &str) -> SecretString {
+    let mut full = String::with_capacity(KEY_LEN);
+    full.push_str(env_prefix(env));
+    full.push_str(id);
+    full.push_str(secret);
     let sum = checksum(&full);
     full.push_str(std::str::from_utf8(&sum).expect("base62 is ascii"));
-    GeneratedKey {
-        id,
-        full: SecretString::new(full),
-    }
+    SecretString::new(full)
 }
 
 /// True when the string looks like one of our keys at all (prefix only), so

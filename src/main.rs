@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
                 println!("{}", secret.expose());
             })
         }
+        Some(Command::Health(args)) => startup::health_check(&args).await,
         command => {
             let args = match command {
                 Some(Command::Serve(args)) => args,

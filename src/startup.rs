@@ -3,7 +3,7 @@
 
 use crate::{
     auth::{Authenticator, ServiceTokens},
-    config::{BootstrapArgs, ServeArgs, StoreArgs},
+    config::{BootstrapArgs, HealthArgs, ServeArgs, StoreArgs},
     error::{Error, Result},
     hashing::Hasher,
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
@@ -184,9 +184,7 @@ impl Application {
             .spawn_flusher(self.usage_flush_interval, stop_rx.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<ApiKeyServiceServer<KeysService>>()
-            .await;
+        set_health(&health, true).await;
         let prober = tokio::spawn(probe_health(self.store.clone(), health.clone(), stop_rx));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -209,9 +207,7 @@ impl Application {
             .add_service(ApiKeyServiceServer::new(self.service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.await;
-                health
-                    .set_not_serving::<ApiKeyServiceServer<KeysService>>()
-                    .await;
+                set_health(&health, false).await;
                 tracing::info!("shutting down: draining in-flight calls");
             })
             .await;
@@ -222,6 +218,24 @@ impl Application {
         tracing::info!("stopped");
         result.map_err(Error::internal)
     }
+}
+
+/// Sets both the overall ("") and the `ApiKeyService` status, so probes
+/// that ask either see the same answer.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <ApiKeyServiceServer<KeysService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
 
 /// Keeps health true to the store: SERVING only while it answers.
@@ -244,14 +258,10 @@ async fn probe_health(
             serving = ok;
             if ok {
                 tracing::info!("store answers again: SERVING");
-                health
-                    .set_serving::<ApiKeyServiceServer<KeysService>>()
-                    .await;
+                set_health(&health, true).await;
             } else {
                 tracing::warn!("store does not answer: NOT_SERVING");
-                health
-                    .set_not_serving::<ApiKeyServiceServer<KeysService>>()
-                    .await;
+                set_health(&health, false).await;
             }
         }
     }
@@ -280,6 +290,45 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, Se
         },
     )
     .await
+}
+
+/// `takumo-keys health`: asks a running server's `grpc.health.v1.Health`
+/// whether it is SERVING. For container health checks, which cannot speak gRPC.
+pub async fn health_check(args: &HealthArgs) -> Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
+            .map_err(Error::internal)?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+            .map_err(Error::unavailable)?;
+        let resp = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|s| Error::Unavailable {
+                message: format!("health check failed: {}", s.message()),
+                source: None,
+            })?;
+        match resp.into_inner().status() {
+            ServingStatus::Serving => Ok(()),
+            other => Err(Error::Unavailable {
+                message: format!("server reports {}", other.as_str_name()),
+                source: None,
+            }),
+        }
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| Error::Unavailable {
+            message: format!("no answer from {} in {timeout:?}", args.addr),
+            source: None,
+        })?
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -29,6 +29,9 @@ struct Pending {
     last_used_at: DateTime<Utc>,
 }
 
+/// A usage bucket: key id, organization id, start of the minute.
+type Bucket = (String, String, DateTime<Utc>);
+
 #[derive(Clone)]
 pub struct Usage {
     inner: Arc<Inner>,
@@ -36,8 +39,7 @@ pub struct Usage {
 
 struct Inner {
     store: Arc<dyn Store>,
-    /// Keyed by (key id, organization id, minute start).
-    pending: Mutex<HashMap<(String, String, DateTime<Utc>), Pending>>,
+    pending: Mutex<HashMap<Bucket, Pending>>,
 }
 
 impl Usage {
@@ -95,7 +97,7 @@ impl Usage {
         }
     }
 
-    fn restore(&self, taken: Vec<((String, String, DateTime<Utc>), Pending)>) {
+    fn restore(&self, taken: Vec<(Bucket, Pending)>) {
         let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
         for (k, p) in taken {
             if pending.len() >= MAX_PENDING_BUCKETS && !pending.contains_key(&k) {

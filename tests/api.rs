@@ -1,0 +1,1066 @@
+//! End-to-end: the real server on an ephemeral port, a generated tonic
+//! client, and a real database of each backend.
+
+mod common;
+
+use common::{Backend, PEPPER, SERVICE_TOKEN, TestApp, as_service, with_bearer};
+use prost::Message;
+use takumo_keys::{
+    hashing::{HashParams, Hasher},
+    keys,
+    model::Environment,
+    proto::pb::{self, create_key_request::Scopes},
+    scopes::{self, Preset},
+    secret::SecretString,
+    service::{KeySpec, issue_key},
+};
+use tonic::Code;
+
+fn preset(p: pb::ScopePreset) -> Option<Scopes> {
+    Some(Scopes::Preset(p as i32))
+}
+
+fn custom(s: &[&str]) -> Option<Scopes> {
+    Some(Scopes::Custom(pb::ScopeList {
+        scopes: s.iter().map(|x| x.to_string()).collect(),
+    }))
+}
+
+fn create_req(org: &str, name: &str, scopes: Option<Scopes>) -> pb::CreateKeyRequest {
+    pb::CreateKeyRequest {
+        organization_id: org.into(),
+        name: name.into(),
+        scopes,
+        ..Default::default()
+    }
+}
+
+/// Creates a key as the dashboard acting for `actor`; returns it and its secret.
+async fn create_as(
+    app: &TestApp,
+    org: &str,
+    actor: &str,
+    scopes: Option<Scopes>,
+) -> (pb::ApiKey, String) {
+    let r = app
+        .client
+        .clone()
+        .create_key(as_service(create_req(org, "cursor-dev", scopes), actor))
+        .await
+        .expect("create key")
+        .into_inner();
+    (r.key.unwrap(), r.secret)
+}
+
+async fn create(app: &TestApp, org: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
+    create_as(app, org, "alice", scopes).await
+}
+
+async fn verify(
+    app: &TestApp,
+    key: &str,
+    required: &[&str],
+    org: Option<&str>,
+) -> pb::VerifyKeyResponse {
+    app.client
+        .clone()
+        .verify_key(as_service(
+            pb::VerifyKeyRequest {
+                key: key.into(),
+                required_scopes: required.iter().map(|s| s.to_string()).collect(),
+                organization_id: org.map(str::to_owned),
+            },
+            "alice",
+        ))
+        .await
+        .expect("verify is an OK response")
+        .into_inner()
+}
+
+fn code_of(r: &pb::VerifyKeyResponse) -> pb::VerifyCode {
+    r.code()
+}
+
+async fn set_plan(app: &TestApp, org: &str, plan: pb::Plan) {
+    app.client
+        .clone()
+        .set_organization_plan(as_service(
+            pb::SetOrganizationPlanRequest {
+                organization_id: org.into(),
+                plan: plan as i32,
+            },
+            "billing",
+        ))
+        .await
+        .unwrap();
+}
+
+async fn secret_is_returned_once_and_never_again(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::Workspace)).await;
+    assert!(secret.starts_with("tk_live_"));
+    assert_eq!(secret.len(), keys::KEY_LEN);
+    assert!(secret.starts_with(&key.prefix));
+    assert_eq!(key.prefix.len(), 16);
+    let mut c = app.client.clone();
+    let got = c
+        .get_key(as_service(
+            pb::GetKeyRequest { id: key.id.clone() },
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = c
+        .list_keys(as_service(
+            pb::ListKeysRequest {
+                organization_id: "acme".into(),
+                ..Default::default()
+            },
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let verified = verify(&app, &secret, &[], None).await;
+    let secret_part = &secret[24..56];
+    for bytes in [
+        got.encode_to_vec(),
+        listed.encode_to_vec(),
+        verified.encode_to_vec(),
+    ] {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains(secret_part),
+            "secret leaked in a later response"
+        );
+    }
+    assert!(verified.valid);
+}
+
+async fn presets_expand_to_the_catalogs_sets(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    set_plan(&app, "acme", pb::Plan::Enterprise).await;
+    let catalog = app
+        .client
+        .clone()
+        .list_scopes(as_service(pb::ListScopesRequest {}, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(catalog.groups.len(), 12);
+    assert_eq!(
+        catalog.groups.iter().map(|g| g.scopes.len()).sum::<usize>(),
+        34
+    );
+    for (p, domain) in [
+        (pb::ScopePreset::Workspace, Preset::Workspace),
+        (pb::ScopePreset::Organization, Preset::Organization),
+        (pb::ScopePreset::ReadOnly, Preset::ReadOnly),
+    ] {
+        let (key, _) = create(&app, "acme", preset(p)).await;
+        assert_eq!(key.scopes, scopes::expand_preset(domain));
+        let listed = catalog
+            .presets
+            .iter()
+            .find(|x| x.preset == p as i32)
+            .unwrap();
+        assert_eq!(listed.scopes, key.scopes);
+    }
+    let (key, _) = create(&app, "acme", custom(&["fleet.read", "audit.export"])).await;
+    assert_eq!(key.scopes, vec!["audit.export", "fleet.read"]);
+}
+
+async fn invalid_create_requests_are_invalid_argument(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    let cases: Vec<(pb::CreateKeyRequest, &str)> = vec![
+        (
+            create_req("acme", "", preset(pb::ScopePreset::ReadOnly)),
+            "name",
+        ),
+        (
+            create_req("acme", &"x".repeat(65), preset(pb::ScopePreset::ReadOnly)),
+            "at most 64",
+        ),
+        (
+            create_req("acme", "bad\nname", preset(pb::ScopePreset::ReadOnly)),
+            "control",
+        ),
+        (create_req("acme", "k", None), "preset"),
+        (
+            create_req("acme", "k", preset(pb::ScopePreset::Unspecified)),
+            "preset",
+        ),
+        (create_req("acme", "k", Some(Scopes::Preset(99))), "preset"),
+        (create_req("acme", "k", custom(&[])), "at least one"),
+        (
+            create_req("acme", "k", custom(&["fleet.read", "fleet.fly"])),
+            "fleet.fly",
+        ),
+        (
+            create_req("acme", "k", custom(&["fleet.read", "fleet.read"])),
+            "duplicate",
+        ),
+        (
+            create_req("", "k", preset(pb::ScopePreset::ReadOnly)),
+            "organization_id",
+        ),
+        (
+            pb::CreateKeyRequest {
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..create_req("acme", "k", preset(pb::ScopePreset::ReadOnly))
+            },
+            "future",
+        ),
+        (
+            pb::CreateKeyRequest {
+                environment: 7,
+                ..create_req("acme", "k", preset(pb::ScopePreset::ReadOnly))
+            },
+            "environment",
+        ),
+    ];
+    for (req, needle) in cases {
+        let err = c.create_key(as_service(req, "alice")).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            err.message()
+        );
+    }
+    // A service token must name the acting member.
+    let err = c
+        .create_key(with_bearer(
+            create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)),
+            SERVICE_TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("x-takumo-actor"));
+    let stats = c
+        .get_key_stats(as_service(
+            pb::GetKeyStatsRequest {
+                organization_id: "acme".into(),
+            },
+            "a",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        stats.into_inner().total_keys,
+        0,
+        "no invalid request created a key"
+    );
+}
+
+async fn test_environment_keys_carry_the_test_prefix(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let req = pb::CreateKeyRequest {
+        environment: pb::Environment::Test as i32,
+        ..create_req("acme", "staging-gateway", preset(pb::ScopePreset::ReadOnly))
+    };
+    let r = app
+        .client
+        .clone()
+        .create_key(as_service(req, "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.secret.starts_with("tk_test_"));
+    assert_eq!(r.key.unwrap().environment(), pb::Environment::Test);
+    let v = verify(&app, &r.secret, &[], None).await;
+    assert!(v.valid);
+    assert_eq!(v.environment(), pb::Environment::Test);
+}
+
+async fn over_the_plan_limit_create_is_resource_exhausted(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    for _ in 0..3 {
+        create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    }
+    let err = app
+        .client
+        .clone()
+        .create_key(as_service(
+            create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)),
+            "alice",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("Free") && err.message().contains('3'),
+        "{}",
+        err.message()
+    );
+    // Upgrading lifts the limit; downgrading blocks new keys but keeps old ones.
+    set_plan(&app, "acme", pb::Plan::Developer).await;
+    create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    set_plan(&app, "acme", pb::Plan::Free).await;
+    let stats = app
+        .client
+        .clone()
+        .get_key_stats(as_service(
+            pb::GetKeyStatsRequest {
+                organization_id: "acme".into(),
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (stats.active_keys, stats.keys_counted, stats.key_limit),
+        (4, 4, 3)
+    );
+    assert_eq!(stats.plan(), pb::Plan::Free);
+}
+
+async fn fifty_concurrent_creates_on_free_yield_exactly_three_keys(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let mut c = app.client.clone();
+            tokio::spawn(async move {
+                c.create_key(as_service(
+                    create_req("race", &format!("k{i}"), preset(pb::ScopePreset::ReadOnly)),
+                    "alice",
+                ))
+                .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message()),
+        }
+    }
+    assert_eq!(ok, 3);
+    let stats = app
+        .client
+        .clone()
+        .get_key_stats(as_service(
+            pb::GetKeyStatsRequest {
+                organization_id: "race".into(),
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.total_keys, stats.keys_counted), (3, 3));
+}
+
+async fn list_pages_across_pages_newest_first(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    set_plan(&app, "acme", pb::Plan::Pro).await;
+    let mut created = vec![];
+    for _ in 0..5 {
+        created.push(
+            create(&app, "acme", preset(pb::ScopePreset::ReadOnly))
+                .await
+                .0
+                .id,
+        );
+    }
+    create_as(&app, "acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
+    create(&app, "other", preset(pb::ScopePreset::ReadOnly)).await;
+    let mut c = app.client.clone();
+    let mut seen = vec![];
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_keys(as_service(
+                pb::ListKeysRequest {
+                    organization_id: "acme".into(),
+                    page_size: 2,
+                    page_token: token.clone(),
+                    created_by: Some("alice".into()),
+                    ..Default::default()
+                },
+                "alice",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.keys.len() <= 2);
+        seen.extend(page.keys.into_iter().map(|k| k.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    created.reverse();
+    assert_eq!(seen, created);
+    assert_eq!(pages, 3);
+    for (req, needle) in [
+        (
+            pb::ListKeysRequest {
+                organization_id: "acme".into(),
+                page_size: 501,
+                ..Default::default()
+            },
+            "500",
+        ),
+        (
+            pb::ListKeysRequest {
+                organization_id: "acme".into(),
+                page_size: -1,
+                ..Default::default()
+            },
+            "negative",
+        ),
+        (
+            pb::ListKeysRequest {
+                organization_id: "acme".into(),
+                page_token: "garbage!".into(),
+                ..Default::default()
+            },
+            "page_token",
+        ),
+    ] {
+        let err = c.list_keys(as_service(req, "alice")).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(needle), "{}", err.message());
+    }
+}
+
+async fn toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let mut c = app.client.clone();
+    let set = |status: pb::KeyStatus| {
+        as_service(
+            pb::SetKeyStatusRequest {
+                id: key.id.clone(),
+                status: status as i32,
+            },
+            "alice",
+        )
+    };
+    for _ in 0..2 {
+        let k = c
+            .set_key_status(set(pb::KeyStatus::Disabled))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(k.status(), pb::KeyStatus::Disabled);
+    }
+    assert_eq!(
+        code_of(&verify(&app, &secret, &[], None).await),
+        pb::VerifyCode::Disabled
+    );
+    c.set_key_status(set(pb::KeyStatus::Active)).await.unwrap();
+    assert!(verify(&app, &secret, &[], None).await.valid);
+    for bad in [pb::KeyStatus::Unspecified, pb::KeyStatus::Revoked] {
+        assert_eq!(
+            c.set_key_status(set(bad)).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+    let revoked = c
+        .revoke_key(as_service(
+            pb::RevokeKeyRequest { id: key.id.clone() },
+            "alice",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(revoked.into_inner().status(), pb::KeyStatus::Revoked);
+    let err = c
+        .set_key_status(set(pb::KeyStatus::Active))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("revoked"));
+    assert_eq!(
+        code_of(&verify(&app, &secret, &[], None).await),
+        pb::VerifyCode::Revoked
+    );
+    // A revoked key stays listed.
+    let listed = c
+        .list_keys(as_service(
+            pb::ListKeysRequest {
+                organization_id: "acme".into(),
+                ..Default::default()
+            },
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.keys.len(), 1);
+    assert_eq!(listed.keys[0].status(), pb::KeyStatus::Revoked);
+}
+
+async fn deleted_key_stops_verifying_and_still_counts_in_total_keys(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let mut c = app.client.clone();
+    assert!(verify(&app, &secret, &[], None).await.valid);
+    c.delete_key(as_service(
+        pb::DeleteKeyRequest { id: key.id.clone() },
+        "alice",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        code_of(&verify(&app, &secret, &[], None).await),
+        pb::VerifyCode::NotFound
+    );
+    let err = c
+        .get_key(as_service(
+            pb::GetKeyRequest { id: key.id.clone() },
+            "alice",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .delete_key(as_service(
+            pb::DeleteKeyRequest { id: key.id.clone() },
+            "alice",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    app.usage.flush().await.unwrap();
+    let stats = c
+        .get_key_stats(as_service(
+            pb::GetKeyStatsRequest {
+                organization_id: "acme".into(),
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.total_keys, stats.active_keys), (2, 1));
+    assert_eq!(
+        stats.api_calls_24h, 1,
+        "the deleted key's call still counts"
+    );
+}
+
+async fn unknown_ids_are_not_found_and_empty_ids_invalid(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    for id in ["0000000000000000", "nope", "'; DROP TABLE api_keys; --"] {
+        let e = c
+            .get_key(as_service(pb::GetKeyRequest { id: id.into() }, "a"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{id}");
+        let e = c
+            .revoke_key(as_service(pb::RevokeKeyRequest { id: id.into() }, "a"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{id}");
+        let e = c
+            .set_key_status(as_service(
+                pb::SetKeyStatusRequest {
+                    id: id.into(),
+                    status: pb::KeyStatus::Disabled as i32,
+                },
+                "a",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{id}");
+    }
+    let e = c
+        .get_key(as_service(pb::GetKeyRequest { id: String::new() }, "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+async fn verify_answers_every_denial_with_its_code(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let ok = verify(&app, &secret, &["fleet.read", "audit.read"], Some("acme")).await;
+    assert!(ok.valid);
+    assert_eq!(code_of(&ok), pb::VerifyCode::Valid);
+    assert_eq!(
+        (
+            ok.key_id.as_str(),
+            ok.organization_id.as_str(),
+            ok.created_by.as_str()
+        ),
+        (key.id.as_str(), "acme", "alice")
+    );
+    assert_eq!(ok.name, "cursor-dev");
+
+    for garbage in [
+        "",
+        "hello",
+        "tk_live_short",
+        &format!("{}x", &secret[..secret.len() - 1]),
+        &"A".repeat(100_000),
+    ] {
+        let r = verify(&app, garbage, &[], None).await;
+        assert_eq!(code_of(&r), pb::VerifyCode::Malformed);
+        assert!(!r.valid && r.key_id.is_empty() && r.scopes.is_empty());
+    }
+    // Right id, wrong secret, valid checksum: NOT_FOUND, revealing nothing.
+    let wrong = keys::compose(Environment::Live, &key.id, &"w".repeat(keys::SECRET_LEN));
+    let r = verify(&app, wrong.expose(), &[], None).await;
+    assert_eq!(code_of(&r), pb::VerifyCode::NotFound);
+    assert!(r.key_id.is_empty() && r.organization_id.is_empty() && r.scopes.is_empty());
+    let unknown = keys::generate(Environment::Live);
+    assert_eq!(
+        code_of(&verify(&app, unknown.full.expose(), &[], None).await),
+        pb::VerifyCode::NotFound
+    );
+
+    let r = verify(
+        &app,
+        &secret,
+        &["fleet.read", "fleet.manage", "billing.manage"],
+        None,
+    )
+    .await;
+    assert_eq!(code_of(&r), pb::VerifyCode::InsufficientScope);
+    assert!(!r.valid);
+    assert_eq!(r.missing_scopes, vec!["fleet.manage", "billing.manage"]);
+
+    let r = verify(&app, &secret, &[], Some("globex")).await;
+    assert_eq!(code_of(&r), pb::VerifyCode::WrongOrganization);
+
+    let err = app
+        .client
+        .clone()
+        .verify_key(as_service(
+            pb::VerifyKeyRequest {
+                key: secret.clone(),
+                required_scopes: vec!["fleet.fly".into()],
+                organization_id: None,
+            },
+            "a",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("fleet.fly"));
+    assert!(
+        !err.message().contains(&secret[8..]),
+        "errors never echo a presented key"
+    );
+}
+
+async fn expired_key_verifies_as_expired(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    // Keys cannot be created already expired through the API, so the test
+    // writes one through the library with the server's pepper.
+    let hasher = Hasher::new(
+        SecretString::new(PEPPER),
+        HashParams {
+            memory_kib: 256,
+            iterations: 1,
+            parallelism: 1,
+        },
+    )
+    .unwrap();
+    let (_, secret) = issue_key(
+        &*app.store,
+        &hasher,
+        KeySpec {
+            organization_id: "acme".into(),
+            name: "old".into(),
+            scopes: scopes::expand_preset(Preset::ReadOnly),
+            created_by: "alice".into(),
+            environment: Environment::Live,
+            expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        code_of(&verify(&app, secret.expose(), &[], None).await),
+        pb::VerifyCode::Expired
+    );
+    let e = app
+        .client
+        .clone()
+        .list_scopes(with_bearer(pb::ListScopesRequest {}, secret.expose()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"));
+}
+
+async fn verifications_count_in_stats_and_last_used(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let mut c = app.client.clone();
+    let stats = c
+        .get_key_stats(as_service(
+            pb::GetKeyStatsRequest {
+                organization_id: "acme".into(),
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.api_calls_24h, stats.last_call_at), (0, None));
+    for _ in 0..7 {
+        assert!(verify(&app, &secret, &[], None).await.valid);
+    }
+    verify(&app, "tk_live_garbage", &[], None).await;
+    app.usage.flush().await.unwrap();
+    let stats = c
+        .get_key_stats(as_service(
+            pb::GetKeyStatsRequest {
+                organization_id: "acme".into(),
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.api_calls_24h, 7);
+    assert!(stats.last_call_at.is_some());
+    let got = c
+        .get_key(as_service(pb::GetKeyRequest { id: key.id }, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.last_used_at, stats.last_call_at);
+}
+
+async fn shutdown_flushes_pending_usage(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (_, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    for _ in 0..5 {
+        verify(&app, &secret, &[], None).await;
+    }
+    let store = app.store.clone();
+    let db = app.db.clone();
+    app.shutdown().await;
+    let stats = store.key_stats("acme", chrono::Utc::now()).await.unwrap();
+    assert_eq!(stats.api_calls_24h, 5);
+    drop(db);
+}
+
+async fn credentials_are_checked_before_anything_else(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    let req = || pb::ListScopesRequest {};
+    let e = c.list_scopes(tonic::Request::new(req())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("authorization"));
+    for token in [
+        "not-a-real-token-but-long-enough-000000",
+        "tk_live_bogus",
+        "",
+    ] {
+        let e = c.list_scopes(with_bearer(req(), token)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{token}");
+    }
+    let mut r = tonic::Request::new(req());
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Basic {SERVICE_TOKEN}").parse().unwrap(),
+    );
+    assert_eq!(
+        c.list_scopes(r).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+}
+
+async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    set_plan(&app, "acme", pb::Plan::Pro).await;
+    let mut c = app.client.clone();
+    let (_, admin) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Organization)).await;
+    let (_, workspace) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
+    let (_, reader) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::ReadOnly)).await;
+    let (bobs, _) = create_as(&app, "acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
+    let (foreign, foreign_secret) = create_as(
+        &app,
+        "globex",
+        "gina",
+        preset(pb::ScopePreset::Organization),
+    )
+    .await;
+
+    // Reading needs api_keys.read; an empty organization_id means the key's own.
+    let listed = c
+        .list_keys(with_bearer(pb::ListKeysRequest::default(), &reader))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.keys.len(), 4);
+    let (_, no_read) = create_as(&app, "acme", "alice", custom(&["fleet.read"])).await;
+    let e = c
+        .list_keys(with_bearer(pb::ListKeysRequest::default(), &no_read))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("api_keys.read"));
+    // ListScopes needs authentication only.
+    c.list_scopes(with_bearer(pb::ListScopesRequest {}, &no_read))
+        .await
+        .unwrap();
+
+    // Another organization is invisible.
+    let e = c
+        .get_key(with_bearer(
+            pb::GetKeyRequest {
+                id: foreign.id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .list_keys(with_bearer(
+            pb::ListKeysRequest {
+                organization_id: "globex".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .revoke_key(with_bearer(
+            pb::RevokeKeyRequest {
+                id: foreign.id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        verify(&app, &foreign_secret, &[], None).await.valid,
+        "the foreign key is untouched"
+    );
+
+    // Service-only RPCs.
+    let e = c
+        .verify_key(with_bearer(
+            pb::VerifyKeyRequest {
+                key: reader.clone(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = c
+        .set_organization_plan(with_bearer(
+            pb::SetOrganizationPlanRequest {
+                organization_id: "acme".into(),
+                plan: pb::Plan::Enterprise as i32,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // No escalation: a workspace key cannot mint an organization key.
+    let e = c
+        .create_key(with_bearer(
+            create_req("", "esc", preset(pb::ScopePreset::Organization)),
+            &workspace,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("api_keys.manage_all"));
+    let made = c
+        .create_key(with_bearer(
+            create_req("", "sub", preset(pb::ScopePreset::ReadOnly)),
+            &workspace,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        made.key.unwrap().created_by,
+        "alice",
+        "created_by is the member behind the calling key"
+    );
+
+    // Managing another member's key needs api_keys.manage_all.
+    let e = c
+        .revoke_key(with_bearer(
+            pb::RevokeKeyRequest {
+                id: bobs.id.clone(),
+            },
+            &workspace,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    c.set_key_status(with_bearer(
+        pb::SetKeyStatusRequest {
+            id: bobs.id.clone(),
+            status: pb::KeyStatus::Disabled as i32,
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+
+    // A disabled key is refused at once, and cannot re-enable itself.
+    let (me, me_secret) =
+        create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
+    c.set_key_status(with_bearer(
+        pb::SetKeyStatusRequest {
+            id: me.id.clone(),
+            status: pb::KeyStatus::Disabled as i32,
+        },
+        &me_secret,
+    ))
+    .await
+    .unwrap();
+    let e = c
+        .set_key_status(with_bearer(
+            pb::SetKeyStatusRequest {
+                id: me.id.clone(),
+                status: pb::KeyStatus::Active as i32,
+            },
+            &me_secret,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("disabled"));
+}
+
+async fn set_organization_plan_reports_the_limit(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    for (plan, limit) in [
+        (pb::Plan::Free, 3),
+        (pb::Plan::Developer, 10),
+        (pb::Plan::Pro, 20),
+        (pb::Plan::Enterprise, 0),
+    ] {
+        let org = c
+            .set_organization_plan(as_service(
+                pb::SetOrganizationPlanRequest {
+                    organization_id: "acme".into(),
+                    plan: plan as i32,
+                },
+                "b",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (org.id.as_str(), org.plan(), org.key_limit),
+            ("acme", plan, limit)
+        );
+    }
+    let e = c
+        .set_organization_plan(as_service(
+            pb::SetOrganizationPlanRequest {
+                organization_id: "acme".into(),
+                plan: 0,
+            },
+            "b",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+async fn health_and_reflection_need_no_credentials(b: Backend) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let app = TestApp::spawn(b).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "takumo.apikeys.v1.ApiKeyService"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
+    }
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("no list")
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"takumo.apikeys.v1.ApiKeyService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+async fn secrets_are_stored_only_as_peppered_argon2id_hashes(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let (_, phc) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
+    assert!(phc.starts_with("$argon2id$"));
+    assert!(!phc.contains(&secret[24..56]) && !phc.contains(PEPPER));
+}
+
+for_each_backend!(
+    secret_is_returned_once_and_never_again,
+    presets_expand_to_the_catalogs_sets,
+    invalid_create_requests_are_invalid_argument,
+    test_environment_keys_carry_the_test_prefix,
+    over_the_plan_limit_create_is_resource_exhausted,
+    fifty_concurrent_creates_on_free_yield_exactly_three_keys,
+    list_pages_across_pages_newest_first,
+    toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled,
+    deleted_key_stops_verifying_and_still_counts_in_total_keys,
+    unknown_ids_are_not_found_and_empty_ids_invalid,
+    verify_answers_every_denial_with_its_code,
+    expired_key_verifies_as_expired,
+    verifications_count_in_stats_and_last_used,
+    shutdown_flushes_pending_usage,
+    credentials_are_checked_before_anything_else,
+    api_key_callers_act_only_within_their_scopes_and_organization,
+    set_organization_plan_reports_the_limit,
+    health_and_reflection_need_no_credentials,
+    secrets_are_stored_only_as_peppered_argon2id_hashes,
+);
