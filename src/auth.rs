@@ -31,7 +31,7 @@ pub enum Principal {
     /// An internal backend, by its configured name.
     Service { name: String },
     /// A Takumo API key, proven, active and unexpired.
-    Key(Box<ApiKey>),
+    Key(std::sync::Arc<ApiKey>),
 }
 
 /// An authenticated caller and, for service tokens, the member it acts for.

@@ -3,7 +3,10 @@
 //! constants below. Secret-bearing values are `SecretString`, and
 //! `hide_env_values` keeps them out of `--help`.
 
-use crate::{hashing::HashParams, model::Plan, secret::SecretString, store::StoreOptions};
+use crate::{
+    cache::CacheSettings, hashing::HashParams, model::Plan, secret::SecretString,
+    store::StoreOptions,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -12,6 +15,10 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://takumo-keys.db";
 pub const DEFAULT_USAGE_FLUSH_MS: u64 = 1_000;
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
 pub const DEFAULT_DB_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+pub const DEFAULT_CACHE_FRESHNESS_MS: u64 = 30_000;
+pub const DEFAULT_CACHE_STALE_MS: u64 = 300_000;
+pub const DEFAULT_NEGATIVE_TTL_MS: u64 = 30_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +43,15 @@ pub enum Command {
     Bootstrap(BootstrapArgs),
     /// Exit 0 when the server at `--addr` reports SERVING (for container health checks).
     Health(HealthArgs),
+    /// Bring the database schema up to date and exit (`serve` also does this at start).
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The database to migrate: postgres://… or sqlite://….
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: SecretString,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -106,6 +122,17 @@ impl StoreArgs {
     }
 }
 
+impl ServeArgs {
+    pub fn cache_settings(&self) -> CacheSettings {
+        CacheSettings {
+            capacity: self.cache_capacity,
+            freshness: Duration::from_millis(self.cache_freshness_ms),
+            stale_window: Duration::from_millis(self.cache_stale_ms),
+            negative_ttl: Duration::from_millis(self.negative_cache_ttl_ms),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -126,6 +153,28 @@ pub struct ServeArgs {
     /// How often usage counts are written to the store, in milliseconds.
     #[arg(long, env = "TAKUMO_USAGE_FLUSH_INTERVAL_MS", default_value_t = DEFAULT_USAGE_FLUSH_MS)]
     pub usage_flush_interval_ms: u64,
+
+    /// Most verified keys cached per process (and as many remembered misses).
+    #[arg(long, env = "TAKUMO_CACHE_CAPACITY", default_value_t = DEFAULT_CACHE_CAPACITY)]
+    pub cache_capacity: u64,
+
+    /// After this many milliseconds a cached key's record is re-read from the store
+    /// (no rehash). Changes reach every replica at once through notices anyway.
+    #[arg(long, env = "TAKUMO_CACHE_FRESHNESS_MS", default_value_t = DEFAULT_CACHE_FRESHNESS_MS)]
+    pub cache_freshness_ms: u64,
+
+    /// While the store is unreachable, cached keys keep verifying up to this age
+    /// in milliseconds (fail static); older ones answer UNAVAILABLE.
+    #[arg(long, env = "TAKUMO_CACHE_STALE_MS", default_value_t = DEFAULT_CACHE_STALE_MS)]
+    pub cache_stale_ms: u64,
+
+    /// How long a well-formed key that named no key, or carried a wrong secret, is remembered.
+    #[arg(long, env = "TAKUMO_NEGATIVE_CACHE_TTL_MS", default_value_t = DEFAULT_NEGATIVE_TTL_MS)]
+    pub negative_cache_ttl_ms: u64,
+
+    /// Argon2 jobs that may wait for a hashing thread; beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TAKUMO_HASH_QUEUE", default_value_t = crate::hashing::DEFAULT_QUEUE_CAPACITY)]
+    pub hash_queue: usize,
 
     /// Log format on stderr.
     #[arg(long, env = "TAKUMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

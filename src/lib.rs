@@ -7,15 +7,18 @@
 //! - [`keys`]: the key format, generation and checksum; [`hashing`]: argon2id with a pepper.
 //! - [`scopes`]: the scope catalog and presets; [`model`]: domain types.
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
-//! - [`usage`]: batched usage counting.
+//! - [`cache`]: the verified-key cache; [`usage`]: batched usage counting;
+//!   [`metrics`]: counters of the verification path.
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring and lifecycle.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod hashing;
 pub mod keys;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod scopes;

@@ -22,6 +22,12 @@ async fn main() -> ExitCode {
             })
         }
         Some(Command::Health(args)) => startup::health_check(&args).await,
+        Some(Command::Migrate(args)) => {
+            telemetry::init(LogFormat::Text);
+            takumo_keys::store::connect(args.database_url.expose(), &Default::default())
+                .await
+                .map(|store| tracing::info!(backend = store.backend(), "schema is up to date"))
+        }
         command => {
             let args = match command {
                 Some(Command::Serve(args)) => args,

@@ -7,6 +7,7 @@ use crate::{
     error::{Error, Result},
     hashing::Hasher,
     keys,
+    metrics::Metrics,
     model::{ApiKey, Cursor, Environment, KeyStatus, ListFilter, NewKey},
     proto::{self, pb},
     scopes,
@@ -194,6 +195,7 @@ impl KeysService {
             .set_status(&r.id, status)
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", r.id)))?;
+        self.verifier.invalidate(&key.id);
         tracing::info!(key_id = %key.id, status = key.status.as_str(), "key status set");
         Ok(key.into())
     }
@@ -207,6 +209,7 @@ impl KeysService {
             .revoke_key(id)
             .await?
             .ok_or_else(|| Error::not_found(format!("key {id} not found")))?;
+        self.verifier.invalidate(&key.id);
         tracing::info!(key_id = %key.id, "key revoked");
         Ok(key.into())
     }
@@ -221,6 +224,7 @@ impl KeysService {
         if !self.store.delete_key(id).await? {
             return Err(Error::not_found(format!("key {id} not found")));
         }
+        self.verifier.invalidate(id);
         tracing::info!(key_id = %id, "key deleted");
         Ok(pb::DeleteKeyResponse {})
     }
@@ -233,10 +237,13 @@ impl KeysService {
         let r = req.into_inner();
         scopes::validate(&r.required_scopes, "required_scopes")?;
         let organization_id = r.organization_id.as_deref().filter(|o| !o.is_empty());
-        let deny = |code: pb::VerifyCode| pb::VerifyKeyResponse {
-            valid: false,
-            code: code as i32,
-            ..Default::default()
+        let deny = |code: pb::VerifyCode| {
+            Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
+            pb::VerifyKeyResponse {
+                valid: false,
+                code: code as i32,
+                ..Default::default()
+            }
         };
         let key = match self.verifier.resolve(&r.key).await? {
             Resolution::Malformed => return Ok(deny(pb::VerifyCode::Malformed)),
@@ -252,15 +259,15 @@ impl KeysService {
                 Err(Denial::WrongOrganization) => (pb::VerifyCode::WrongOrganization, vec![]),
                 Err(Denial::InsufficientScope(m)) => (pb::VerifyCode::InsufficientScope, m),
             };
-        let key = *key;
+        Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
         Ok(pb::VerifyKeyResponse {
             valid: code == pb::VerifyCode::Valid,
             code: code as i32,
-            key_id: key.id,
-            organization_id: key.organization_id,
-            name: key.name,
-            created_by: key.created_by,
-            scopes: key.scopes,
+            key_id: key.id.clone(),
+            organization_id: key.organization_id.clone(),
+            name: key.name.clone(),
+            created_by: key.created_by.clone(),
+            scopes: key.scopes.clone(),
             missing_scopes,
             environment: pb::Environment::from(key.environment) as i32,
         })

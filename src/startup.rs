@@ -3,14 +3,16 @@
 
 use crate::{
     auth::{Authenticator, ServiceTokens},
+    cache::VerifyCache,
     config::{BootstrapArgs, HealthArgs, ServeArgs, StoreArgs},
     error::{Error, Result},
     hashing::Hasher,
+    metrics::Metrics,
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
     scopes::{self, Preset},
     secret::SecretString,
     service::{KeySpec, KeysService, issue_key},
-    store::{self, Store},
+    store::{self, ChangeSink, Store},
     usage::Usage,
     validate,
     verify::Verifier,
@@ -33,10 +35,14 @@ use tonic::transport::Server;
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Opens the store and resolves the pepper: the part `serve` and `bootstrap` share.
-pub async fn open_store(args: &StoreArgs) -> Result<(Arc<dyn Store>, Hasher)> {
+pub async fn open_store(
+    args: &StoreArgs,
+    hash_queue: usize,
+    metrics: Arc<Metrics>,
+) -> Result<(Arc<dyn Store>, Hasher)> {
     let store = store::connect(args.database_url.expose(), &args.store_options()).await?;
     let pepper = resolve_pepper(args).await?;
-    let hasher = Hasher::new(pepper, args.hash_params())?;
+    let hasher = Hasher::with_queue(pepper, args.hash_params(), hash_queue, metrics)?;
     Ok((store, hasher))
 }
 
@@ -123,6 +129,8 @@ pub struct Application {
     listener: TcpListener,
     store: Arc<dyn Store>,
     service: KeysService,
+    verifier: Verifier,
+    metrics: Arc<Metrics>,
     usage: Usage,
     usage_flush_interval: Duration,
 }
@@ -131,7 +139,8 @@ impl Application {
     /// Connects, migrates and binds. Binding here, not in `run_until`, lets
     /// the caller learn the real address (port 0 in tests) before serving.
     pub async fn build(args: &ServeArgs) -> Result<Self> {
-        let (store, hasher) = open_store(&args.store).await?;
+        let metrics = Arc::new(Metrics::default());
+        let (store, hasher) = open_store(&args.store, args.hash_queue, metrics.clone()).await?;
         let tokens = match &args.service_tokens {
             Some(spec) => ServiceTokens::parse(spec)?,
             None => ServiceTokens::default(),
@@ -141,10 +150,17 @@ impl Application {
                 "no TAKUMO_SERVICE_TOKENS set: only API keys can call the service, and VerifyKey is unusable"
             );
         }
-        let usage = Usage::new(store.clone());
-        let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone());
+        let usage = Usage::new(store.clone(), metrics.clone());
+        let cache = Arc::new(VerifyCache::new(args.cache_settings()));
+        let verifier = Verifier::new(
+            store.clone(),
+            hasher.clone(),
+            usage.clone(),
+            cache,
+            metrics.clone(),
+        );
         let auth = Authenticator::new(tokens, verifier.clone());
-        let service = KeysService::new(store.clone(), hasher, verifier, auth);
+        let service = KeysService::new(store.clone(), hasher, verifier.clone(), auth);
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|e| Error::invalid(format!("TAKUMO_LISTEN {}: {e}", args.listen)))?;
@@ -152,6 +168,8 @@ impl Application {
             listener,
             store,
             service,
+            verifier,
+            metrics,
             usage,
             usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.max(10)),
         })
@@ -172,6 +190,10 @@ impl Application {
         self.store.clone()
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains in-flight calls and
     /// flushes usage counts before returning.
     pub async fn run_until(
@@ -182,6 +204,12 @@ impl Application {
         let flusher = self
             .usage
             .spawn_flusher(self.usage_flush_interval, stop_rx.clone());
+        let watcher = {
+            let store = self.store.clone();
+            let sink: Arc<dyn ChangeSink> = Arc::new(self.verifier.clone());
+            let stop = stop_rx.clone();
+            tokio::spawn(async move { store.watch_changes(sink, stop).await })
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, true).await;
@@ -214,6 +242,7 @@ impl Application {
 
         let _ = stop_tx.send(true);
         let _ = prober.await;
+        let _ = watcher.await;
         let _ = flusher.await;
         tracing::info!("stopped");
         result.map_err(Error::internal)
@@ -273,7 +302,7 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, Se
     validate::ident("--organization", &args.organization)?;
     validate::ident("--member", &args.member)?;
     validate::name("--name", &args.name)?;
-    let (store, hasher) = open_store(&args.store).await?;
+    let (store, hasher) = open_store(&args.store, 1, Arc::default()).await?;
     if let Some(plan) = args.plan {
         store.set_plan(&args.organization, plan).await?;
     }

@@ -7,6 +7,7 @@
 //! them (up to a bound, past which the oldest are dropped and logged).
 
 use crate::{
+    metrics::Metrics,
     model::{ApiKey, UsageDelta},
     store::Store,
 };
@@ -18,19 +19,37 @@ use std::{
 };
 use tokio::sync::watch;
 
-/// Buckets held in memory at most while the store is unreachable.
-const MAX_PENDING_BUCKETS: usize = 1_000_000;
+/// Keys whose counts are held in memory at most while the store is unreachable.
+const MAX_PENDING_KEYS: usize = 1_000_000;
 /// Usage older than this is pruned; stats look back 24 h.
 const RETENTION: ChronoDuration = ChronoDuration::hours(48);
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
+    minute: DateTime<Utc>,
     calls: i64,
     last_used_at: DateTime<Utc>,
 }
 
-/// A usage bucket: key id, organization id, start of the minute.
-type Bucket = (String, String, DateTime<Utc>);
+/// Pending counts of one key: its organization and a few minute buckets
+/// (usually one; more only when a flush is late).
+#[derive(Debug)]
+struct KeyUsage {
+    organization_id: String,
+    buckets: Vec<Pending>,
+}
+
+impl KeyUsage {
+    fn add(&mut self, p: Pending) {
+        match self.buckets.iter_mut().rev().find(|b| b.minute == p.minute) {
+            Some(b) => {
+                b.calls += p.calls;
+                b.last_used_at = b.last_used_at.max(p.last_used_at);
+            }
+            None => self.buckets.push(p),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Usage {
@@ -39,14 +58,17 @@ pub struct Usage {
 
 struct Inner {
     store: Arc<dyn Store>,
-    pending: Mutex<HashMap<Bucket, Pending>>,
+    metrics: Arc<Metrics>,
+    /// Keyed by key id; looked up by `&str`, so counting a known key allocates nothing.
+    pending: Mutex<HashMap<String, KeyUsage>>,
 }
 
 impl Usage {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
+                metrics,
                 pending: Mutex::new(HashMap::new()),
             }),
         }
@@ -55,62 +77,76 @@ impl Usage {
     /// Counts one call of `key` at `at`. Never blocks on I/O.
     pub fn record(&self, key: &ApiKey, at: DateTime<Utc>) {
         let minute = at.duration_trunc(ChronoDuration::minutes(1)).unwrap_or(at);
+        let one = Pending {
+            minute,
+            calls: 1,
+            last_used_at: at,
+        };
         let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
-        pending
-            .entry((key.id.clone(), key.organization_id.clone(), minute))
-            .and_modify(|p| {
-                p.calls += 1;
-                p.last_used_at = p.last_used_at.max(at);
-            })
-            .or_insert(Pending {
-                calls: 1,
-                last_used_at: at,
-            });
+        match pending.get_mut(key.id.as_str()) {
+            Some(u) => u.add(one),
+            None => {
+                pending.insert(
+                    key.id.clone(),
+                    KeyUsage {
+                        organization_id: key.organization_id.clone(),
+                        buckets: vec![one],
+                    },
+                );
+            }
+        }
     }
 
     /// Writes every pending count in one batch. On failure the counts go back
     /// into the pending set, to be retried by the next flush.
     pub async fn flush(&self) -> crate::error::Result<usize> {
-        let taken: Vec<_> = {
+        let taken: HashMap<String, KeyUsage> = {
             let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
-            pending.drain().collect()
+            std::mem::take(&mut *pending)
         };
         if taken.is_empty() {
             return Ok(0);
         }
         let batch: Vec<UsageDelta> = taken
             .iter()
-            .map(|((key_id, org, minute), p)| UsageDelta {
-                key_id: key_id.clone(),
-                organization_id: org.clone(),
-                minute: *minute,
-                calls: p.calls,
-                last_used_at: p.last_used_at,
+            .flat_map(|(id, u)| {
+                u.buckets.iter().map(move |p| UsageDelta {
+                    key_id: id.clone(),
+                    organization_id: u.organization_id.clone(),
+                    minute: p.minute,
+                    calls: p.calls,
+                    last_used_at: p.last_used_at,
+                })
             })
             .collect();
         match self.inner.store.record_usage(&batch).await {
-            Ok(()) => Ok(batch.len()),
+            Ok(()) => {
+                Metrics::inc(&self.inner.metrics.usage_flush_batches);
+                Metrics::add(&self.inner.metrics.usage_flush_rows, batch.len() as u64);
+                Ok(batch.len())
+            }
             Err(e) => {
+                Metrics::inc(&self.inner.metrics.usage_flush_failures);
                 self.restore(taken);
                 Err(e)
             }
         }
     }
 
-    fn restore(&self, taken: Vec<(Bucket, Pending)>) {
+    fn restore(&self, taken: HashMap<String, KeyUsage>) {
         let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
-        for (k, p) in taken {
-            if pending.len() >= MAX_PENDING_BUCKETS && !pending.contains_key(&k) {
-                tracing::error!(key_id = %k.0, calls = p.calls, "usage buffer full: dropping counts");
-                continue;
+        for (id, u) in taken {
+            let full = pending.len() >= MAX_PENDING_KEYS;
+            match pending.get_mut(&id) {
+                Some(existing) => u.buckets.into_iter().for_each(|p| existing.add(p)),
+                None if full => {
+                    let calls: i64 = u.buckets.iter().map(|p| p.calls).sum();
+                    tracing::error!(key_id = %id, calls, "usage buffer full: dropping counts");
+                }
+                None => {
+                    pending.insert(id, u);
+                }
             }
-            pending
-                .entry(k)
-                .and_modify(|q| {
-                    q.calls += p.calls;
-                    q.last_used_at = q.last_used_at.max(p.last_used_at);
-                })
-                .or_insert(p);
         }
     }
 

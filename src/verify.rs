@@ -1,16 +1,18 @@
-//! The verification pipeline: shape and checksum, one indexed lookup, one
-//! argon2 verify, then a pure decision. `VerifyKey` and the authentication of
+//! The verification pipeline: shape and checksum, the verified-key cache,
+//! else one indexed lookup and one argon2 verify; then a pure decision. `VerifyKey` and the authentication of
 //! API-key callers both go through [`Verifier::resolve`], so a key that
 //! verifies is exactly a key that can call the API.
 
 use crate::{
+    cache::{Entry, Fingerprint, VerifyCache},
     error::Result,
     hashing::Hasher,
     keys,
+    metrics::Metrics,
     model::{ApiKey, KeyStatus},
     scopes,
     secret::SecretString,
-    store::Store,
+    store::{ChangeSink, Store},
     usage::Usage,
 };
 use chrono::{DateTime, Utc};
@@ -24,7 +26,7 @@ pub enum Resolution {
     /// Well-formed, but no such key or a wrong secret; the two are not told apart.
     NotFound,
     /// The secret was proven for this key (whatever its status).
-    Key(Box<ApiKey>),
+    Key(Arc<ApiKey>),
 }
 
 /// Why a resolved key does not pass, in the order they are checked.
@@ -67,39 +69,126 @@ pub struct Verifier {
     store: Arc<dyn Store>,
     hasher: Hasher,
     usage: Usage,
+    cache: Arc<VerifyCache>,
+    metrics: Arc<Metrics>,
 }
 
 impl Verifier {
-    pub fn new(store: Arc<dyn Store>, hasher: Hasher, usage: Usage) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hasher: Hasher,
+        usage: Usage,
+        cache: Arc<VerifyCache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             store,
             hasher,
             usage,
+            cache,
+            metrics,
         }
     }
 
     /// Resolves a presented key to the stored key it proves, counting one
     /// call for it. Store trouble is an error, never a "not found".
+    ///
+    /// Warm path (cached, fresh): parse, one HMAC, one cache read, no I/O.
     pub async fn resolve(&self, presented: &str) -> Result<Resolution> {
         let Some(parsed) = keys::parse(presented) else {
             return Ok(Resolution::Malformed);
         };
+        let fp = self.cache.fingerprint(presented);
+        if let Some(entry) = self.cache.get(&fp) {
+            let key = if self.cache.needs_refresh(&entry) {
+                match self.refresh(fp, entry).await? {
+                    Some(k) => k,
+                    None => return Ok(Resolution::NotFound),
+                }
+            } else {
+                Metrics::inc(&self.metrics.cache_hits);
+                entry.key
+            };
+            self.usage.record(&key, Utc::now());
+            return Ok(Resolution::Key(key));
+        }
+        if self.cache.is_negative(&fp) {
+            Metrics::inc(&self.metrics.negative_hits);
+            return Ok(Resolution::NotFound);
+        }
+        Metrics::inc(&self.metrics.cache_misses);
+        let epoch = self.cache.epoch();
+        Metrics::inc(&self.metrics.store_key_reads);
         let Some((key, phc)) = self.store.get_key_with_hash(parsed.id).await? else {
+            self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         };
         // A key of the wrong environment with the right secret cannot exist,
         // but the check is free and keeps the prefix honest.
-        if key.environment != parsed.environment {
+        if key.environment != parsed.environment
+            || !self
+                .hasher
+                .verify(SecretString::new(presented), phc)
+                .await?
+        {
+            self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         }
-        let ok = self
-            .hasher
-            .verify(SecretString::new(presented), phc)
-            .await?;
-        if !ok {
-            return Ok(Resolution::NotFound);
-        }
+        let key = Arc::new(key);
+        self.cache.insert(fp, key.clone(), epoch);
         self.usage.record(&key, Utc::now());
-        Ok(Resolution::Key(Box::new(key)))
+        Ok(Resolution::Key(key))
+    }
+
+    /// Re-reads a cached key's record (no rehash: the secret was proven for
+    /// this exact string). If the store cannot answer, the entry is served
+    /// while younger than the stale window: verifications fail static.
+    async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<Arc<ApiKey>>> {
+        Metrics::inc(&self.metrics.cache_refreshes);
+        Metrics::inc(&self.metrics.store_key_reads);
+        let epoch = self.cache.epoch();
+        match self.store.get_key(&entry.key.id).await {
+            Ok(Some(k)) => {
+                let k = Arc::new(k);
+                self.cache.insert(fp, k.clone(), epoch);
+                Ok(Some(k))
+            }
+            Ok(None) => {
+                self.cache.invalidate(&entry.key.id);
+                Ok(None)
+            }
+            Err(e) if entry.fetched_at.elapsed() <= self.cache.settings().stale_window => {
+                Metrics::inc(&self.metrics.cache_stale_served);
+                tracing::warn!(key_id = %entry.key.id, error = %e, "store unreachable: serving cached key (fail static)");
+                Ok(Some(entry.key))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops what this process cached about key `id` (after a local change).
+    pub fn invalidate(&self, id: &str) {
+        Metrics::inc(&self.metrics.invalidations);
+        self.cache.invalidate(id);
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+impl ChangeSink for Verifier {
+    fn key_changed(&self, id: &str) {
+        self.invalidate(id);
+    }
+
+    fn resync(&self) {
+        Metrics::inc(&self.metrics.cache_resets);
+        self.cache.clear();
+        self.cache.set_notices_flowing(true);
+    }
+
+    fn notices_lost(&self) {
+        self.cache.set_notices_flowing(false);
     }
 }

@@ -601,13 +601,14 @@ async fn verify_answers_every_denial_with_its_code(b: Backend) {
     );
     assert_eq!(ok.name, "cursor-dev");
 
-    for garbage in [
-        "",
-        "hello",
-        "tk_live_short",
-        &format!("{}x", &secret[..secret.len() - 1]),
-        &"A".repeat(100_000),
-    ] {
+    // One character changed in the checksum: a typo, caught without any lookup.
+    let last = secret.chars().last().unwrap();
+    let typo = format!(
+        "{}{}",
+        &secret[..secret.len() - 1],
+        if last == 'x' { 'y' } else { 'x' }
+    );
+    for garbage in ["", "hello", "tk_live_short", &typo, &"A".repeat(100_000)] {
         let r = verify(&app, garbage, &[], None).await;
         assert_eq!(code_of(&r), pb::VerifyCode::Malformed);
         assert!(!r.valid && r.key_id.is_empty() && r.scopes.is_empty());
@@ -669,6 +670,7 @@ async fn expired_key_verifies_as_expired(b: Backend) {
             iterations: 1,
             parallelism: 1,
         },
+        Default::default(),
     )
     .unwrap();
     let (_, secret) = issue_key(

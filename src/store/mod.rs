@@ -21,6 +21,7 @@ use crate::{
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::{sync::Arc, time::Duration};
+use tokio::sync::watch;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -71,6 +72,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drops usage buckets older than `before`. Returns rows removed.
     async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// Delivers notices of key changes made by other processes sharing this
+    /// store, until `stop` turns true. A backend with no other writers (the
+    /// embedded one) has nothing to deliver and just waits.
+    async fn watch_changes(&self, sink: Arc<dyn ChangeSink>, mut stop: watch::Receiver<bool>) {
+        let _ = sink;
+        let _ = stop.wait_for(|s| *s).await;
+    }
+}
+
+/// Receives change notices from [`Store::watch_changes`].
+pub trait ChangeSink: Send + Sync {
+    /// Key `id` changed somewhere: forget what is known about it.
+    fn key_changed(&self, id: &str);
+    /// Notices flow again after a gap: anything may have changed meanwhile.
+    fn resync(&self);
+    /// Notices stopped flowing: nothing cached can be trusted without a re-read.
+    fn notices_lost(&self);
 }
 
 /// Connection settings shared by both backends.

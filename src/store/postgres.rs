@@ -1,6 +1,6 @@
 //! PostgreSQL backend: the production store, shared by every replica.
 
-use super::{Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{ChangeSink, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
 use crate::{
     error::{Error, Result},
     model::{
@@ -12,9 +12,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use sqlx::{
     PgPool, Row,
-    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow},
 };
-use std::str::FromStr;
+use std::{str::FromStr, sync::Arc, time::Duration};
+use tokio::sync::watch;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -225,46 +226,65 @@ impl Store for PostgresStore {
     }
 
     async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
         let row = sqlx::query(concat!(
             "UPDATE api_keys SET status = $2, updated_at = now() \
              WHERE id = $1 AND status <> 'revoked' RETURNING ",
-            key_columns!(),
-            ""
+            key_columns!()
         ))
         .bind(id)
         .bind(status.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
         match row {
-            Some(r) => key_from_row(&r).map(Some),
-            None => match self.get_key(id).await? {
-                Some(_) => Err(revoked_precondition(id)),
-                None => Ok(None),
-            },
+            Some(r) => {
+                let key = key_from_row(&r)?;
+                notify_change(&mut tx, id).await?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(Some(key))
+            }
+            None => {
+                drop(tx);
+                match self.get_key(id).await? {
+                    Some(_) => Err(revoked_precondition(id)),
+                    None => Ok(None),
+                }
+            }
         }
     }
 
     async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
         let row = sqlx::query(concat!(
             "UPDATE api_keys SET status = 'revoked', updated_at = now() WHERE id = $1 RETURNING ",
-            key_columns!(),
-            ""
+            key_columns!()
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_error)?;
-        row.as_ref().map(key_from_row).transpose()
+        let key = row.as_ref().map(key_from_row).transpose()?;
+        if key.is_some() {
+            notify_change(&mut tx, id).await?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(key)
     }
 
     async fn delete_key(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
         let done = sqlx::query("DELETE FROM api_keys WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        Ok(done.rows_affected() > 0)
+        let deleted = done.rows_affected() > 0;
+        if deleted {
+            notify_change(&mut tx, id).await?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(deleted)
     }
 
     async fn get_organization(&self, id: &str) -> Result<Organization> {
@@ -389,4 +409,71 @@ impl Store for PostgresStore {
             .map_err(db_error)?;
         Ok(done.rows_affected())
     }
+
+    async fn watch_changes(&self, sink: Arc<dyn ChangeSink>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = LISTEN_BACKOFF_MIN;
+        loop {
+            let connect = async {
+                let mut l = PgListener::connect_with(&self.pool).await?;
+                l.listen(CHANGE_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            let listener = tokio::select! {
+                r = connect => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let mut listener = match listener {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "change listener cannot connect");
+                    sink.notices_lost();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            // Listening again: whatever changed during the gap was missed.
+            backoff = LISTEN_BACKOFF_MIN;
+            sink.resync();
+            tracing::info!("change listener connected");
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    r = listener.try_recv() => match r {
+                        Ok(Some(n)) => sink.key_changed(n.payload()),
+                        Ok(None) => {
+                            tracing::warn!("change listener connection lost");
+                            sink.notices_lost();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "change listener failed");
+                            sink.notices_lost();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Channel of key-change notices; the payload is the key id.
+pub const CHANGE_CHANNEL: &str = "takumo_keys_changed";
+const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Queues a change notice in `tx`: PostgreSQL delivers it on commit only,
+/// so replicas hear of exactly the changes that happened.
+async fn notify_change(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANGE_CHANNEL)
+        .bind(id)
+        .execute(tx)
+        .await
+        .map_err(db_error)?;
+    Ok(())
 }

@@ -6,6 +6,7 @@ use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
 use takumo_keys::{
     config::{LogFormat, ServeArgs, StoreArgs},
+    metrics::Metrics,
     proto::pb::api_key_service_client::ApiKeyServiceClient,
     secret::SecretString,
     startup::Application,
@@ -152,6 +153,11 @@ pub fn serve_args(url: &str) -> ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         service_tokens: Some(SecretString::new(format!("dashboard={SERVICE_TOKEN}"))),
         usage_flush_interval_ms: 60_000,
+        cache_capacity: 10_000,
+        cache_freshness_ms: 30_000,
+        cache_stale_ms: 300_000,
+        negative_cache_ttl_ms: 30_000,
+        hash_queue: 1024,
         log_format: LogFormat::Text,
         store: StoreArgs {
             database_url: SecretString::new(url),
@@ -173,6 +179,7 @@ pub struct TestApp {
     pub client: ApiKeyServiceClient<Channel>,
     pub usage: Usage,
     pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<takumo_keys::Result<()>>>,
     pub db: Arc<TestDb>,
@@ -190,6 +197,7 @@ impl TestApp {
         let addr = app.local_addr();
         let usage = app.usage();
         let store = app.store();
+        let metrics = app.metrics();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
@@ -204,6 +212,7 @@ impl TestApp {
             client: ApiKeyServiceClient::new(channel),
             usage,
             store,
+            metrics,
             stop: Some(tx),
             server: Some(server),
             db,

@@ -1,0 +1,234 @@
+//! The verified-key cache: what makes a warm `VerifyKey` cost about as much
+//! as an empty RPC.
+//!
+//! Entries are keyed by HMAC-SHA256 of the presented key under a random
+//! per-process key, never by the key itself: a heap dump yields no usable key
+//! and no offline-checkable hash. A positive entry exists only after argon2
+//! proved that exact string, so re-reading the record later (freshness)
+//! needs no rehash. A negative entry remembers a well-formed key that named
+//! no key or carried a wrong secret, so repeats cost no database or argon2
+//! work.
+//!
+//! Invalidation is by key id: an index maps each id to the fingerprint of its
+//! one positive entry. Every invalidation bumps an epoch; a miss that started
+//! before an invalidation does not insert what it read, so a racing reader
+//! can never put back a record the invalidation just removed.
+
+use crate::model::ApiKey;
+use hmac::{Hmac, KeyInit, Mac};
+use moka::sync::Cache;
+use rand::{TryRngCore, rngs::OsRng};
+use sha2::Sha256;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+pub type Fingerprint = [u8; 32];
+
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// Most positive entries (and as many negative ones).
+    pub capacity: u64,
+    /// After this, a hit re-reads the key's record from the store.
+    pub freshness: Duration,
+    /// While the store cannot confirm an entry, it may still be served up
+    /// to this age (fail static); older ones fail with UNAVAILABLE.
+    pub stale_window: Duration,
+    /// How long a NOT_FOUND is remembered.
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            capacity: 100_000,
+            freshness: Duration::from_secs(30),
+            stale_window: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A cached, proven key and when its record was last read from the store.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: Arc<ApiKey>,
+    pub fetched_at: Instant,
+}
+
+pub struct VerifyCache {
+    mac: Hmac<Sha256>,
+    positive: Cache<Fingerprint, Entry>,
+    /// Key id → fingerprint of its positive entry, for invalidation by id.
+    by_id: Cache<Arc<str>, Fingerprint>,
+    negative: Cache<Fingerprint, ()>,
+    epoch: AtomicU64,
+    /// False while change notices cannot arrive (listener down): every hit
+    /// then re-reads its record, so a missed notice is never trusted away.
+    notices_flowing: AtomicBool,
+    settings: CacheSettings,
+}
+
+impl VerifyCache {
+    pub fn new(settings: CacheSettings) -> Self {
+        let mut hmac_key = [0u8; 32];
+        OsRng
+            .try_fill_bytes(&mut hmac_key)
+            .expect("OS random source");
+        let capacity = settings.capacity.max(1);
+        Self {
+            mac: Hmac::<Sha256>::new_from_slice(&hmac_key).expect("any key length"),
+            positive: Cache::builder().max_capacity(capacity).build(),
+            by_id: Cache::builder().max_capacity(capacity).build(),
+            negative: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(settings.negative_ttl)
+                .build(),
+            epoch: AtomicU64::new(0),
+            notices_flowing: AtomicBool::new(true),
+            settings,
+        }
+    }
+
+    pub fn settings(&self) -> &CacheSettings {
+        &self.settings
+    }
+
+    pub fn fingerprint(&self, presented: &str) -> Fingerprint {
+        let mut mac = self.mac.clone();
+        mac.update(presented.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    pub fn get(&self, fp: &Fingerprint) -> Option<Entry> {
+        self.positive.get(fp)
+    }
+
+    /// True when the entry must be re-read before it is trusted.
+    pub fn needs_refresh(&self, e: &Entry) -> bool {
+        !self.notices_flowing.load(Ordering::Acquire)
+            || e.fetched_at.elapsed() > self.settings.freshness
+    }
+
+    pub fn is_negative(&self, fp: &Fingerprint) -> bool {
+        self.negative.contains_key(fp)
+    }
+
+    pub fn insert_negative(&self, fp: Fingerprint) {
+        self.negative.insert(fp, ());
+    }
+
+    /// The epoch to pass to [`Self::insert`] after reading the store.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Caches a proven key, unless an invalidation happened since `epoch`.
+    pub fn insert(&self, fp: Fingerprint, key: Arc<ApiKey>, epoch: u64) {
+        if self.epoch() != epoch {
+            return;
+        }
+        let id: Arc<str> = Arc::from(key.id.as_str());
+        self.positive.insert(
+            fp,
+            Entry {
+                key,
+                fetched_at: Instant::now(),
+            },
+        );
+        self.by_id.insert(id, fp);
+        // An invalidation that slipped in between is applied again.
+        if self.epoch() != epoch {
+            self.positive.invalidate(&fp);
+        }
+    }
+
+    /// Drops the entry of key `id`, if any.
+    pub fn invalidate(&self, id: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(fp) = self.by_id.remove(id) {
+            self.positive.invalidate(&fp);
+        }
+    }
+
+    /// Drops every positive entry (negative ones cannot turn valid).
+    pub fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.positive.invalidate_all();
+        self.by_id.invalidate_all();
+    }
+
+    /// Records whether change notices are arriving; see `notices_flowing`.
+    pub fn set_notices_flowing(&self, flowing: bool) {
+        self.notices_flowing.store(flowing, Ordering::Release);
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.positive.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Environment, KeyStatus};
+
+    fn key(id: &str) -> Arc<ApiKey> {
+        Arc::new(ApiKey {
+            id: id.into(),
+            organization_id: "acme".into(),
+            name: "k".into(),
+            prefix: "tk_live_".into(),
+            status: KeyStatus::Active,
+            scopes: vec![],
+            created_by: "alice".into(),
+            created_at: chrono::Utc::now(),
+            last_used_at: None,
+            expires_at: None,
+            environment: Environment::Live,
+        })
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_per_process() {
+        let a = VerifyCache::new(CacheSettings::default());
+        let b = VerifyCache::new(CacheSettings::default());
+        assert_eq!(a.fingerprint("tk_live_x"), a.fingerprint("tk_live_x"));
+        assert_ne!(a.fingerprint("tk_live_x"), b.fingerprint("tk_live_x"));
+    }
+
+    #[test]
+    fn invalidation_by_id_removes_the_entry() {
+        let c = VerifyCache::new(CacheSettings::default());
+        let fp = c.fingerprint("k1");
+        c.insert(fp, key("id1"), c.epoch());
+        assert!(c.get(&fp).is_some());
+        c.invalidate("id1");
+        assert!(c.get(&fp).is_none());
+    }
+
+    #[test]
+    fn a_read_that_raced_an_invalidation_is_not_cached() {
+        let c = VerifyCache::new(CacheSettings::default());
+        let fp = c.fingerprint("k1");
+        let epoch = c.epoch();
+        c.invalidate("id1");
+        c.insert(fp, key("id1"), epoch);
+        assert!(c.get(&fp).is_none());
+    }
+
+    #[test]
+    fn entries_need_refresh_while_notices_are_not_flowing() {
+        let c = VerifyCache::new(CacheSettings::default());
+        let fp = c.fingerprint("k1");
+        c.insert(fp, key("id1"), c.epoch());
+        let e = c.get(&fp).unwrap();
+        assert!(!c.needs_refresh(&e));
+        c.set_notices_flowing(false);
+        assert!(c.needs_refresh(&e));
+    }
+}
