@@ -28,8 +28,7 @@ use std::{
     time::Duration,
 };
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 
 /// How often the store is pinged to keep the health status true.
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -227,13 +226,15 @@ impl Application {
             .map_err(Error::internal)?;
 
         let addr = self.local_addr();
+        // Small unary responses must not wait on Nagle's algorithm.
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
         let result = Server::builder()
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(ApiKeyServiceServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 set_health(&health, false).await;
                 tracing::info!("shutting down: draining in-flight calls");
