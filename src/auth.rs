@@ -8,7 +8,7 @@
 use crate::{
     error::{Error, Result},
     keys,
-    model::ApiKey,
+    model::{ApiKey, AuditContext},
     scopes,
     secret::SecretString,
     validate,
@@ -18,6 +18,22 @@ use chrono::Utc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
+
+/// Metadata entry carrying the caller's request id, recorded in the audit log.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The caller's request id when it is a sane one (1–128 visible ASCII
+/// characters), else a fresh random one.
+fn request_id(md: &MetadataMap) -> String {
+    md.get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            use rand::Rng;
+            format!("{:032x}", rand::rng().random::<u128>())
+        })
+}
 
 /// Metadata entry naming the member a service token acts for.
 pub const ACTOR_HEADER: &str = "x-takumo-actor";
@@ -39,6 +55,9 @@ pub enum Principal {
 pub struct Caller {
     pub principal: Principal,
     actor: Option<String>,
+    /// `x-request-id` of the call, or one made up here, for the audit log.
+    pub request_id: String,
+    pub peer: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +72,8 @@ pub enum Rpc {
     GetKeyStats,
     ListScopes,
     SetOrganizationPlan,
+    ListAuditEvents,
+    ExportAuditEvents,
 }
 
 /// What an API key needs to call an RPC; service tokens may call every RPC.
@@ -79,6 +100,8 @@ pub const RULES: &[(Rpc, KeyAccess)] = &[
     (Rpc::GetKeyStats, KeyAccess::Scope(scopes::API_KEYS_READ)),
     (Rpc::ListScopes, KeyAccess::Authenticated),
     (Rpc::SetOrganizationPlan, KeyAccess::Denied),
+    (Rpc::ListAuditEvents, KeyAccess::Scope(scopes::AUDIT_READ)),
+    (Rpc::ExportAuditEvents, KeyAccess::Scope(scopes::AUDIT_EXPORT)),
 ];
 
 pub fn rule(rpc: Rpc) -> KeyAccess {
@@ -93,11 +116,9 @@ pub fn rule(rpc: Rpc) -> KeyAccess {
         | Rpc::VerifyKey
         | Rpc::GetKeyStats
         | Rpc::ListScopes
-        | Rpc::SetOrganizationPlan => RULES
-            .iter()
-            .find(|(r, _)| *r == rpc)
-            .map(|(_, a)| *a)
-            .unwrap_or(KeyAccess::Denied),
+        | Rpc::SetOrganizationPlan
+        | Rpc::ListAuditEvents
+        | Rpc::ExportAuditEvents => RULES.iter().find(|(r, _)| *r == rpc).map(|(_, a)| *a).unwrap_or(KeyAccess::Denied),
     }
 }
 
@@ -112,9 +133,7 @@ pub fn authorize(caller: &Caller, rpc: Rpc) -> Result<()> {
         ))),
         KeyAccess::Authenticated => Ok(()),
         KeyAccess::Scope(s) if key.scopes.iter().any(|k| k == s) => Ok(()),
-        KeyAccess::Scope(s) => Err(Error::PermissionDenied(format!(
-            "this API key lacks the `{s}` scope"
-        ))),
+        KeyAccess::Scope(s) => Err(Error::PermissionDenied(format!("this API key lacks the `{s}` scope"))),
     }
 }
 
@@ -132,9 +151,7 @@ impl Caller {
             }
             Principal::Key(_) => {
                 validate::ident("organization_id", requested)?;
-                Err(Error::not_found(format!(
-                    "organization {requested} not found"
-                )))
+                Err(Error::not_found(format!("organization {requested} not found")))
             }
         }
     }
@@ -152,9 +169,7 @@ impl Caller {
         match &self.principal {
             Principal::Service { .. } => Ok(()),
             Principal::Key(own) if own.created_by == target.created_by => Ok(()),
-            Principal::Key(own) if own.scopes.iter().any(|s| s == scopes::API_KEYS_MANAGE_ALL) => {
-                Ok(())
-            }
+            Principal::Key(own) if own.scopes.iter().any(|s| s == scopes::API_KEYS_MANAGE_ALL) => Ok(()),
             Principal::Key(_) => Err(Error::PermissionDenied(format!(
                 "key {} was created by another member; managing it needs the `{}` scope",
                 target.id,
@@ -179,15 +194,28 @@ impl Caller {
         }
     }
 
+    /// Who is changing something, for the audit log. A service token that
+    /// names no member is recorded as itself.
+    pub fn audit(&self) -> AuditContext {
+        let (principal, actor) = match &self.principal {
+            Principal::Service { name } => {
+                let p = format!("service:{name}");
+                (p.clone(), self.actor.clone().unwrap_or(p))
+            }
+            Principal::Key(k) => (format!("key:{}", k.id), k.created_by.clone()),
+        };
+        AuditContext { actor, principal, request_id: self.request_id.clone(), peer: self.peer.clone() }
+    }
+
     /// The member acting: `x-takumo-actor` for service tokens, the creator of
     /// the calling key for API keys.
     pub fn actor(&self) -> Result<String> {
         match (&self.principal, &self.actor) {
             (Principal::Key(k), _) => Ok(k.created_by.clone()),
             (Principal::Service { .. }, Some(a)) => Ok(a.clone()),
-            (Principal::Service { .. }, None) => Err(Error::invalid(format!(
-                "a service token must name the acting member in `{ACTOR_HEADER}` metadata"
-            ))),
+            (Principal::Service { .. }, None) => {
+                Err(Error::invalid(format!("a service token must name the acting member in `{ACTOR_HEADER}` metadata")))
+            }
         }
     }
 }
@@ -201,9 +229,7 @@ pub struct ServiceTokens {
 
 impl std::fmt::Debug for ServiceTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.entries.iter().map(|(n, _)| n))
-            .finish()
+        f.debug_list().entries(self.entries.iter().map(|(n, _)| n)).finish()
     }
 }
 
@@ -216,16 +242,9 @@ impl ServiceTokens {
     /// is how a token is rotated: add the new one, roll clients, drop the old.
     pub fn parse(spec: &SecretString) -> Result<Self> {
         let mut entries = Vec::new();
-        for part in spec
-            .expose()
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
+        for part in spec.expose().split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((name, token)) = part.split_once('=') else {
-                return Err(Error::invalid(
-                    "TAKUMO_SERVICE_TOKENS: each entry must be name=token",
-                ));
+                return Err(Error::invalid("TAKUMO_SERVICE_TOKENS: each entry must be name=token"));
             };
             let (name, token) = (name.trim(), token.trim());
             validate::ident("TAKUMO_SERVICE_TOKENS service name", name)?;
@@ -273,20 +292,17 @@ impl Authenticator {
         Self { tokens, verifier }
     }
 
-    pub async fn authenticate(&self, md: &MetadataMap) -> Result<Caller> {
+    pub async fn authenticate<T>(&self, req: &tonic::Request<T>) -> Result<Caller> {
+        let md = req.metadata();
         let unauth = |m: &str| Error::Unauthenticated(m.to_owned());
         let Some(value) = md.get("authorization") else {
             return Err(unauth(
                 "missing `authorization` metadata: send `authorization: Bearer <service token or API key>`",
             ));
         };
-        let value = value
-            .to_str()
-            .map_err(|_| unauth("`authorization` metadata is not printable ASCII"))?;
+        let value = value.to_str().map_err(|_| unauth("`authorization` metadata is not printable ASCII"))?;
         if value.len() > MAX_BEARER_LEN {
-            return Err(unauth(
-                "`authorization` metadata is too long to be a credential",
-            ));
+            return Err(unauth("`authorization` metadata is too long to be a credential"));
         }
         let token = value
             .strip_prefix("Bearer ")
@@ -317,9 +333,7 @@ impl Authenticator {
             }
         } else {
             match self.tokens.find(token) {
-                Some(name) => Principal::Service {
-                    name: name.to_owned(),
-                },
+                Some(name) => Principal::Service { name: name.to_owned() },
                 None => return Err(unauth("unknown service token")),
             }
         };
@@ -327,14 +341,14 @@ impl Authenticator {
         let actor = match md.get(ACTOR_HEADER) {
             None => None,
             Some(v) => {
-                let a = v.to_str().map_err(|_| {
-                    Error::invalid(format!("`{ACTOR_HEADER}` metadata is not printable ASCII"))
-                })?;
+                let a = v
+                    .to_str()
+                    .map_err(|_| Error::invalid(format!("`{ACTOR_HEADER}` metadata is not printable ASCII")))?;
                 validate::ident(ACTOR_HEADER, a)?;
                 Some(a.to_owned())
             }
         };
-        Ok(Caller { principal, actor })
+        Ok(Caller { principal, actor, request_id: request_id(md), peer: req.remote_addr().map(|a| a.to_string()) })
     }
 }
 
@@ -347,16 +361,14 @@ mod tests {
         for (rpc, _) in RULES {
             assert_eq!(RULES.iter().filter(|(r, _)| r == rpc).count(), 1, "{rpc:?}");
         }
-        assert_eq!(RULES.len(), 10);
+        assert_eq!(RULES.len(), 12);
     }
 
     #[test]
     fn service_tokens_must_be_long_enough() {
         let short = SecretString::new("billing=short");
         assert!(ServiceTokens::parse(&short).is_err());
-        let ok = SecretString::new(
-            "billing=0123456789abcdef0123456789abcdef, dash=fedcba9876543210fedcba9876543210",
-        );
+        let ok = SecretString::new("billing=0123456789abcdef0123456789abcdef, dash=fedcba9876543210fedcba9876543210");
         let t = ServiceTokens::parse(&ok).unwrap();
         assert_eq!(t.find("0123456789abcdef0123456789abcdef"), Some("billing"));
         assert_eq!(t.find("fedcba9876543210fedcba9876543210"), Some("dash"));

@@ -76,18 +76,13 @@ pub struct VerifyCache {
 impl VerifyCache {
     pub fn new(settings: CacheSettings) -> Self {
         let mut hmac_key = [0u8; 32];
-        OsRng
-            .try_fill_bytes(&mut hmac_key)
-            .expect("OS random source");
+        OsRng.try_fill_bytes(&mut hmac_key).expect("OS random source");
         let capacity = settings.capacity.max(1);
         Self {
             mac: Hmac::<Sha256>::new_from_slice(&hmac_key).expect("any key length"),
             positive: Cache::builder().max_capacity(capacity).build(),
             by_id: Cache::builder().max_capacity(capacity).build(),
-            negative: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(settings.negative_ttl)
-                .build(),
+            negative: Cache::builder().max_capacity(capacity).time_to_live(settings.negative_ttl).build(),
             epoch: AtomicU64::new(0),
             notices_flowing: AtomicBool::new(true),
             settings,
@@ -110,8 +105,7 @@ impl VerifyCache {
 
     /// True when the entry must be re-read before it is trusted.
     pub fn needs_refresh(&self, e: &Entry) -> bool {
-        !self.notices_flowing.load(Ordering::Acquire)
-            || e.fetched_at.elapsed() > self.settings.freshness
+        !self.notices_flowing.load(Ordering::Acquire) || e.fetched_at.elapsed() > self.settings.freshness
     }
 
     pub fn is_negative(&self, fp: &Fingerprint) -> bool {
@@ -133,13 +127,7 @@ impl VerifyCache {
             return;
         }
         let id: Arc<str> = Arc::from(key.id.as_str());
-        self.positive.insert(
-            fp,
-            Entry {
-                key,
-                fetched_at: Instant::now(),
-            },
-        );
+        self.positive.insert(fp, Entry { key, fetched_at: Instant::now() });
         self.by_id.insert(id, fp);
         // An invalidation that slipped in between is applied again.
         if self.epoch() != epoch {

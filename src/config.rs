@@ -3,10 +3,7 @@
 //! constants below. Secret-bearing values are `SecretString`, and
 //! `hide_env_values` keeps them out of `--help`.
 
-use crate::{
-    cache::CacheSettings, hashing::HashParams, model::Plan, secret::SecretString,
-    store::StoreOptions,
-};
+use crate::{cache::CacheSettings, hashing::HashParams, model::Plan, secret::SecretString, store::StoreOptions};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -21,11 +18,7 @@ pub const DEFAULT_CACHE_STALE_MS: u64 = 300_000;
 pub const DEFAULT_NEGATIVE_TTL_MS: u64 = 30_000;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "takumo-keys",
-    version,
-    about = "Issues and verifies Takumo API keys over gRPC"
-)]
+#[command(name = "takumo-keys", version, about = "Issues and verifies Takumo API keys over gRPC")]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -74,6 +67,11 @@ pub struct StoreArgs {
     /// the embedded default generates one beside its database file when unset.
     #[arg(long, env = "TAKUMO_PEPPER", hide_env_values = true)]
     pub pepper: Option<SecretString>,
+
+    /// Earlier peppers, comma-separated, kept so keys hashed with them still verify
+    /// after a rotation. New keys always use TAKUMO_PEPPER.
+    #[arg(long, env = "TAKUMO_PREVIOUS_PEPPERS", hide_env_values = true)]
+    pub previous_peppers: Option<SecretString>,
 
     /// File holding the pepper (a Kubernetes secret mount); trailing whitespace is ignored.
     #[arg(long, env = "TAKUMO_PEPPER_FILE", conflicts_with = "pepper")]

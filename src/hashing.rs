@@ -7,10 +7,15 @@
 //!   takes the CPU the warm path leaves over instead of starving it;
 //! - with a bounded queue, so a flood is refused (RESOURCE_EXHAUSTED) instead
 //!   of piling up memory and latency without end.
+//!
+//! Peppers rotate without invalidating keys: every hash is stored with the
+//! id of the pepper that keyed it, and previous peppers stay configured for
+//! verification while new hashes use the current one.
 
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
+    model::StoredHash,
     secret::SecretString,
 };
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
@@ -36,15 +41,66 @@ pub struct HashParams {
 
 impl Default for HashParams {
     fn default() -> Self {
-        Self {
-            memory_kib: 19_456,
-            iterations: 2,
-            parallelism: 1,
-        }
+        Self { memory_kib: 19_456, iterations: 2, parallelism: 1 }
     }
 }
 
-type Job = Box<dyn FnOnce(&Argon2<'_>) + Send>;
+/// The server's peppers: the current one keys new hashes; previous ones
+/// still verify the hashes they keyed.
+#[derive(Clone, Debug)]
+pub struct Peppers {
+    pub current: SecretString,
+    pub previous: Vec<SecretString>,
+}
+
+impl Peppers {
+    pub fn single(pepper: SecretString) -> Self {
+        Self { current: pepper, previous: vec![] }
+    }
+}
+
+/// A short public id for a pepper (8 hex digits of a domain-separated
+/// SHA-256), stored beside each hash: rotation needs no id bookkeeping.
+pub fn pepper_id(pepper: &SecretString) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::new().chain_update(b"takumo-keys pepper id\0").chain_update(pepper.expose().as_bytes()).finalize();
+    d.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// One argon2 context per pepper, built once per hashing thread; the first
+/// is the current pepper.
+struct Argon2Set<'a> {
+    by_id: Vec<(String, Argon2<'a>)>,
+}
+
+impl<'a> Argon2Set<'a> {
+    fn new(peppers: &'a [(String, SecretString)], params: &Params) -> Self {
+        let by_id = peppers
+            .iter()
+            .map(|(id, p)| (id.clone(), argon2(p, params).expect("peppers validated in Hasher::new")))
+            .collect();
+        Self { by_id }
+    }
+
+    fn current(&self) -> &Argon2<'a> {
+        &self.by_id[0].1
+    }
+
+    /// The context for a stored hash; `""` marks hashes from before pepper
+    /// ids existed, which the current pepper keyed.
+    fn for_id(&self, id: &str) -> Option<&Argon2<'a>> {
+        if id.is_empty() {
+            return Some(self.current());
+        }
+        self.by_id.iter().find(|(i, _)| i == id).map(|(_, a)| a)
+    }
+}
+
+fn argon2<'a>(pepper: &'a SecretString, params: &Params) -> argon2::Result<Argon2<'a>> {
+    Argon2::new_with_secret(pepper.expose().as_bytes(), Algorithm::Argon2id, Version::V0x13, params.clone())
+}
+
+type Job = Box<dyn FnOnce(&Argon2Set<'_>) + Send>;
 
 #[derive(Clone)]
 pub struct Hasher {
@@ -56,79 +112,76 @@ struct Inner {
     /// Jobs queued or running; exported as the argon2 queue depth.
     depth: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+    /// Id of the pepper new hashes are keyed with.
+    current_id: String,
 }
 
 impl Hasher {
     pub fn new(pepper: SecretString, params: HashParams, metrics: Arc<Metrics>) -> Result<Self> {
-        Self::with_queue(pepper, params, DEFAULT_QUEUE_CAPACITY, metrics)
+        Self::with_queue(Peppers::single(pepper), params, DEFAULT_QUEUE_CAPACITY, metrics)
     }
 
     pub fn with_queue(
-        pepper: SecretString,
+        peppers: Peppers,
         params: HashParams,
         queue_capacity: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let p = Params::new(
-            params.memory_kib,
-            params.iterations,
-            params.parallelism,
-            None,
-        )
-        .map_err(|e| Error::invalid(format!("argon2 parameters: {e}")))?;
-        if pepper.expose().len() < 16 {
-            return Err(Error::invalid("the pepper must be at least 16 bytes"));
+        let p = Params::new(params.memory_kib, params.iterations, params.parallelism, None)
+            .map_err(|e| Error::invalid(format!("TAKUMO_ARGON2_*: {e}")))?;
+        let mut ids: Vec<(String, SecretString)> = Vec::new();
+        for pepper in std::iter::once(&peppers.current).chain(&peppers.previous) {
+            if pepper.expose().len() < 16 {
+                return Err(Error::invalid("TAKUMO_PEPPER: a pepper must be at least 16 bytes"));
+            }
+            // Fail at startup, not on first use, if argon2 refuses the pepper.
+            argon2(pepper, &p).map_err(|e| Error::invalid(format!("TAKUMO_PEPPER: {e}")))?;
+            ids.push((pepper_id(pepper), pepper.clone()));
         }
-        // Fail at startup, not on first use, if argon2 refuses the pepper.
-        Argon2::new_with_secret(
-            pepper.expose().as_bytes(),
-            Algorithm::Argon2id,
-            Version::V0x13,
-            p.clone(),
-        )
-        .map_err(|e| Error::invalid(format!("pepper: {e}")))?;
+        let current_id = ids[0].0.clone();
+        let peppers = Arc::new(ids);
         let (tx, rx) = mpsc::sync_channel::<Job>(queue_capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         for i in 0..workers {
             let rx = rx.clone();
-            let pepper = pepper.clone();
+            let peppers = peppers.clone();
             let p = p.clone();
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || worker(rx, pepper, p))
+                .spawn(move || worker(rx, &peppers, &p))
                 .map_err(Error::internal)?;
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                queue: tx,
-                depth: Arc::new(AtomicUsize::new(0)),
-                metrics,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { queue: tx, depth: Arc::new(AtomicUsize::new(0)), metrics, current_id }) })
     }
 
-    /// Hashes `material` into a PHC string with a fresh random salt.
-    pub async fn hash(&self, material: SecretString) -> Result<String> {
-        self.run(move |a| {
-            a.hash_password(material.expose().as_bytes())
-                .map(|ph| ph.to_string())
+    /// Hashes `material` with the current pepper and a fresh random salt.
+    pub async fn hash(&self, material: SecretString) -> Result<StoredHash> {
+        let pepper_id = self.inner.current_id.clone();
+        self.run(move |set| {
+            set.current()
+                .hash_password(material.expose().as_bytes())
+                .map(|ph| StoredHash { phc: ph.to_string(), pepper_id })
                 .map_err(|e| Error::internal(anyhow::anyhow!("argon2 hash: {e}")))
         })
         .await
     }
 
-    /// True when `material` matches `phc`. The cost parameters come from the
-    /// stored string, so raising the defaults never invalidates old keys.
-    pub async fn verify(&self, material: SecretString, phc: String) -> Result<bool> {
+    /// True when `material` matches `stored`. The cost parameters come from
+    /// the stored string, so raising the defaults never invalidates old keys.
+    pub async fn verify(&self, material: SecretString, stored: StoredHash) -> Result<bool> {
         Metrics::inc(&self.inner.metrics.argon2_verifications);
-        self.run(move |a| {
-            let parsed = PasswordHash::new(&phc).map_err(|e| {
-                Error::internal(anyhow::anyhow!("stored hash is not a PHC string: {e}"))
+        self.run(move |set| {
+            let a = set.for_id(&stored.pepper_id).ok_or_else(|| {
+                Error::internal(anyhow::anyhow!(
+                    "no configured pepper has id {}: keep the old pepper in TAKUMO_PREVIOUS_PEPPERS",
+                    stored.pepper_id
+                ))
             })?;
+            let parsed = PasswordHash::new(&stored.phc)
+                .map_err(|e| Error::internal(anyhow::anyhow!("stored hash is not a PHC string: {e}")))?;
             // The derived outputs are compared in constant time inside.
-            Ok(a.verify_password(material.expose().as_bytes(), &parsed)
-                .is_ok())
+            Ok(a.verify_password(material.expose().as_bytes(), &parsed).is_ok())
         })
         .await
     }
@@ -140,13 +193,13 @@ impl Hasher {
 
     async fn run<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&Argon2<'_>) -> Result<T> + Send + 'static,
+        job: impl FnOnce(&Argon2Set<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let depth = self.inner.depth.clone();
         depth.fetch_add(1, Ordering::Relaxed);
-        let boxed: Job = Box::new(move |a| {
-            let result = job(a);
+        let boxed: Job = Box::new(move |set| {
+            let result = job(set);
             depth.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(result);
         });
@@ -156,36 +209,26 @@ impl Hasher {
                 mpsc::TrySendError::Full(_) => {
                     Metrics::inc(&self.inner.metrics.argon2_rejected);
                     Error::ResourceExhausted(
-                        "too many key verifications are waiting for hashing; retry with backoff"
-                            .into(),
+                        "too many key verifications are waiting for hashing; retry with backoff".into(),
                     )
                 }
-                mpsc::TrySendError::Disconnected(_) => {
-                    Error::internal(anyhow::anyhow!("hashing pool stopped"))
-                }
+                mpsc::TrySendError::Disconnected(_) => Error::internal(anyhow::anyhow!("hashing pool stopped")),
             });
         }
-        rx.await
-            .map_err(|_| Error::internal(anyhow::anyhow!("hashing job dropped")))?
+        rx.await.map_err(|_| Error::internal(anyhow::anyhow!("hashing job dropped")))?
     }
 }
 
-fn worker(rx: Arc<Mutex<mpsc::Receiver<Job>>>, pepper: SecretString, params: Params) {
+fn worker(rx: Arc<Mutex<mpsc::Receiver<Job>>>, peppers: &[(String, SecretString)], params: &Params) {
     lower_priority();
-    let argon2 = Argon2::new_with_secret(
-        pepper.expose().as_bytes(),
-        Algorithm::Argon2id,
-        Version::V0x13,
-        params,
-    )
-    .expect("pepper validated in Hasher::new");
+    let set = Argon2Set::new(peppers, params);
     loop {
         let job = match rx.lock() {
             Ok(guard) => guard.recv(),
             Err(_) => return,
         };
         match job {
-            Ok(job) => job(&argon2),
+            Ok(job) => job(&set),
             // Every Hasher is gone: the pool ends with it.
             Err(_) => return,
         }
@@ -206,55 +249,54 @@ fn lower_priority() {
 mod tests {
     use super::*;
 
+    const CHEAP: HashParams = HashParams { memory_kib: 1024, iterations: 1, parallelism: 1 };
+
     fn cheap(pepper: &str) -> Hasher {
-        Hasher::new(
-            SecretString::new(pepper),
-            HashParams {
-                memory_kib: 1024,
-                iterations: 1,
-                parallelism: 1,
-            },
-            Arc::default(),
-        )
-        .unwrap()
+        Hasher::new(SecretString::new(pepper), CHEAP, Arc::default()).unwrap()
     }
 
     #[tokio::test]
     async fn default_parameters_are_owasps_argon2id() {
-        let h = Hasher::new(
-            SecretString::new("pepper-0123456789abcdef"),
-            HashParams::default(),
-            Arc::default(),
-        )
-        .unwrap();
-        let phc = h.hash(SecretString::new("k")).await.unwrap();
-        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        let h =
+            Hasher::new(SecretString::new("pepper-0123456789abcdef"), HashParams::default(), Arc::default()).unwrap();
+        let stored = h.hash(SecretString::new("k")).await.unwrap();
+        assert!(stored.phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{}", stored.phc);
     }
 
     #[tokio::test]
     async fn hash_verifies_only_with_the_same_pepper() {
         let a = cheap("pepper-one-0123456789");
         let b = cheap("pepper-two-0123456789");
-        let phc = a.hash(SecretString::new("secret")).await.unwrap();
-        assert!(phc.starts_with("$argon2id$"));
-        assert!(!phc.contains("secret"));
-        assert!(
-            a.verify(SecretString::new("secret"), phc.clone())
-                .await
-                .unwrap()
-        );
-        assert!(
-            !a.verify(SecretString::new("secreT"), phc.clone())
-                .await
-                .unwrap()
-        );
-        assert!(!b.verify(SecretString::new("secret"), phc).await.unwrap());
+        let stored = a.hash(SecretString::new("secret")).await.unwrap();
+        assert!(stored.phc.starts_with("$argon2id$"));
+        assert!(!stored.phc.contains("secret"));
+        assert_eq!(stored.pepper_id, pepper_id(&SecretString::new("pepper-one-0123456789")));
+        assert!(a.verify(SecretString::new("secret"), stored.clone()).await.unwrap());
+        assert!(!a.verify(SecretString::new("secreT"), stored.clone()).await.unwrap());
+        // b has never known a's pepper: a configuration error, not a denial.
+        assert!(b.verify(SecretString::new("secret"), stored.clone()).await.is_err());
+        // Even under a's pepper id, b's pepper does not verify a's hash.
+        let forged = StoredHash { pepper_id: String::new(), ..stored };
+        assert!(!b.verify(SecretString::new("secret"), forged).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_rotated_pepper_still_verifies_the_hashes_it_keyed() {
+        let old = SecretString::new("pepper-old-0123456789");
+        let new = SecretString::new("pepper-new-0123456789");
+        let before = Hasher::new(old.clone(), CHEAP, Arc::default()).unwrap();
+        let stored = before.hash(SecretString::new("key")).await.unwrap();
+        let after = Hasher::with_queue(Peppers { current: new.clone(), previous: vec![old] }, CHEAP, 8, Arc::default())
+            .unwrap();
+        assert!(after.verify(SecretString::new("key"), stored).await.unwrap());
+        let fresh = after.hash(SecretString::new("key2")).await.unwrap();
+        assert_eq!(fresh.pepper_id, pepper_id(&new));
     }
 
     #[tokio::test]
     async fn a_full_queue_refuses_work_instead_of_growing() {
         let h = Hasher::with_queue(
-            SecretString::new("pepper-0123456789abcdef"),
+            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
             HashParams::default(),
             1,
             Arc::default(),
@@ -262,11 +304,7 @@ mod tests {
         .unwrap();
         let jobs: Vec<_> = (0..64).map(|_| h.hash(SecretString::new("k"))).collect();
         let results = futures::future::join_all(jobs).await;
-        assert!(
-            results
-                .iter()
-                .any(|r| matches!(r, Err(Error::ResourceExhausted(_))))
-        );
+        assert!(results.iter().any(|r| matches!(r, Err(Error::ResourceExhausted(_)))));
         assert!(results.iter().any(|r| r.is_ok()));
         assert_eq!(h.queue_depth(), 0);
     }

@@ -108,8 +108,7 @@ impl fmt::Display for Plan {
 impl std::str::FromStr for Plan {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-            .ok_or_else(|| format!("unknown plan `{s}`: use free, developer, pro or enterprise"))
+        Self::parse(s).ok_or_else(|| format!("unknown plan `{s}`: use free, developer, pro or enterprise"))
     }
 }
 
@@ -148,7 +147,7 @@ pub struct NewKey {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub environment: Environment,
-    pub secret_hash: String,
+    pub secret_hash: StoredHash,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,4 +189,101 @@ pub struct UsageDelta {
     pub minute: DateTime<Utc>,
     pub calls: i64,
     pub last_used_at: DateTime<Utc>,
+}
+
+/// Who made a change and from where, recorded with it in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditContext {
+    /// The member acting (`created_by` of new keys).
+    pub actor: String,
+    /// The credential used: `service:<name>`, `key:<id>` or `operator:cli`.
+    pub principal: String,
+    pub request_id: String,
+    pub peer: Option<String>,
+}
+
+impl AuditContext {
+    /// The operator's `bootstrap` command, which writes to the store directly.
+    pub fn operator(actor: &str) -> Self {
+        Self {
+            actor: actor.to_owned(),
+            principal: OPERATOR_PRINCIPAL.to_owned(),
+            request_id: String::new(),
+            peer: None,
+        }
+    }
+
+    pub fn is_operator(&self) -> bool {
+        self.principal == OPERATOR_PRINCIPAL
+    }
+}
+
+pub const OPERATOR_PRINCIPAL: &str = "operator:cli";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuditAction {
+    KeyCreated,
+    KeyStatusChanged,
+    KeyRevoked,
+    KeyDeleted,
+    PlanChanged,
+    Bootstrap,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 6] = [
+        Self::KeyCreated,
+        Self::KeyStatusChanged,
+        Self::KeyRevoked,
+        Self::KeyDeleted,
+        Self::PlanChanged,
+        Self::Bootstrap,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KeyCreated => "key.created",
+            Self::KeyStatusChanged => "key.status_changed",
+            Self::KeyRevoked => "key.revoked",
+            Self::KeyDeleted => "key.deleted",
+            Self::PlanChanged => "organization.plan_changed",
+            Self::Bootstrap => "bootstrap",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub organization_id: String,
+    pub actor: String,
+    pub principal: String,
+    pub action: AuditAction,
+    pub key_id: Option<String>,
+    pub key_prefix: Option<String>,
+    pub status_before: Option<KeyStatus>,
+    pub status_after: Option<KeyStatus>,
+    pub request_id: String,
+    pub peer: Option<String>,
+    /// Free text for what the fields above do not hold (a plan change).
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub action: Option<AuditAction>,
+}
+
+/// A stored hash and the id of the pepper that keyed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHash {
+    pub phc: String,
+    pub pepper_id: String,
 }

@@ -2,7 +2,7 @@
 
 use crate::{
     error::{Error, Result},
-    model::{self, ApiKey, Environment, KeyStatus, Plan},
+    model::{self, ApiKey, AuditAction, AuditEvent, Environment, KeyStatus, Plan},
     scopes::Preset,
 };
 use chrono::{DateTime, Utc};
@@ -13,21 +13,15 @@ pub mod pb {
 }
 
 /// The descriptor set gRPC reflection serves, so grpcurl needs no proto files.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("takumo_apikeys_v1_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("takumo_apikeys_v1_descriptor");
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
 pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>> {
     if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Error::invalid(format!(
-            "{field}: nanos must be within 0..1e9"
-        )));
+        return Err(Error::invalid(format!("{field}: nanos must be within 0..1e9")));
     }
     DateTime::from_timestamp(t.seconds, t.nanos as u32)
         .ok_or_else(|| Error::invalid(format!("{field}: timestamp out of range")))
@@ -98,27 +92,18 @@ pub fn environment(v: i32) -> Result<Environment> {
 }
 
 pub fn key_status(field: &str, v: i32) -> Result<Option<KeyStatus>> {
-    Ok(
-        match enum_field::<pb::KeyStatus>(
-            field,
-            v,
-            "KEY_STATUS_ACTIVE, KEY_STATUS_DISABLED or KEY_STATUS_REVOKED",
-        )? {
-            pb::KeyStatus::Unspecified => None,
-            pb::KeyStatus::Active => Some(KeyStatus::Active),
-            pb::KeyStatus::Disabled => Some(KeyStatus::Disabled),
-            pb::KeyStatus::Revoked => Some(KeyStatus::Revoked),
-        },
-    )
+    Ok(match enum_field::<pb::KeyStatus>(field, v, "KEY_STATUS_ACTIVE, KEY_STATUS_DISABLED or KEY_STATUS_REVOKED")? {
+        pb::KeyStatus::Unspecified => None,
+        pb::KeyStatus::Active => Some(KeyStatus::Active),
+        pb::KeyStatus::Disabled => Some(KeyStatus::Disabled),
+        pb::KeyStatus::Revoked => Some(KeyStatus::Revoked),
+    })
 }
 
 pub fn preset(v: i32) -> Result<Preset> {
-    const ALLOWED: &str =
-        "SCOPE_PRESET_WORKSPACE, SCOPE_PRESET_ORGANIZATION or SCOPE_PRESET_READ_ONLY";
+    const ALLOWED: &str = "SCOPE_PRESET_WORKSPACE, SCOPE_PRESET_ORGANIZATION or SCOPE_PRESET_READ_ONLY";
     match enum_field::<pb::ScopePreset>("preset", v, ALLOWED)? {
-        pb::ScopePreset::Unspecified => {
-            Err(Error::invalid(format!("preset must be one of {ALLOWED}")))
-        }
+        pb::ScopePreset::Unspecified => Err(Error::invalid(format!("preset must be one of {ALLOWED}"))),
         pb::ScopePreset::Workspace => Ok(Preset::Workspace),
         pb::ScopePreset::Organization => Ok(Preset::Organization),
         pb::ScopePreset::ReadOnly => Ok(Preset::ReadOnly),
@@ -144,9 +129,52 @@ impl From<ApiKey> for pb::ApiKey {
 }
 
 pub fn organization(o: model::Organization) -> pb::Organization {
-    pb::Organization {
-        id: o.id,
-        plan: pb::Plan::from(o.plan) as i32,
-        key_limit: o.plan.key_limit().unwrap_or(0),
+    pb::Organization { id: o.id, plan: pb::Plan::from(o.plan) as i32, key_limit: o.plan.key_limit().unwrap_or(0) }
+}
+
+impl From<AuditAction> for pb::AuditAction {
+    fn from(a: AuditAction) -> Self {
+        match a {
+            AuditAction::KeyCreated => Self::KeyCreated,
+            AuditAction::KeyStatusChanged => Self::KeyStatusChanged,
+            AuditAction::KeyRevoked => Self::KeyRevoked,
+            AuditAction::KeyDeleted => Self::KeyDeleted,
+            AuditAction::PlanChanged => Self::PlanChanged,
+            AuditAction::Bootstrap => Self::Bootstrap,
+        }
+    }
+}
+
+/// A filter value; UNSPECIFIED means no filter.
+pub fn audit_action(v: i32) -> Result<Option<AuditAction>> {
+    Ok(match enum_field::<pb::AuditAction>("action", v, "an AUDIT_ACTION_* value")? {
+        pb::AuditAction::Unspecified => None,
+        pb::AuditAction::KeyCreated => Some(AuditAction::KeyCreated),
+        pb::AuditAction::KeyStatusChanged => Some(AuditAction::KeyStatusChanged),
+        pb::AuditAction::KeyRevoked => Some(AuditAction::KeyRevoked),
+        pb::AuditAction::KeyDeleted => Some(AuditAction::KeyDeleted),
+        pb::AuditAction::PlanChanged => Some(AuditAction::PlanChanged),
+        pb::AuditAction::Bootstrap => Some(AuditAction::Bootstrap),
+    })
+}
+
+impl From<AuditEvent> for pb::AuditEvent {
+    fn from(e: AuditEvent) -> Self {
+        let status = |s: Option<KeyStatus>| s.map_or(pb::KeyStatus::Unspecified, pb::KeyStatus::from) as i32;
+        Self {
+            id: e.id.to_string(),
+            occurred_at: Some(timestamp(e.occurred_at)),
+            organization_id: e.organization_id,
+            actor: e.actor,
+            principal: e.principal,
+            action: pb::AuditAction::from(e.action) as i32,
+            key_id: e.key_id.unwrap_or_default(),
+            key_prefix: e.key_prefix.unwrap_or_default(),
+            status_before: status(e.status_before),
+            status_after: status(e.status_after),
+            request_id: e.request_id,
+            peer: e.peer.unwrap_or_default(),
+            detail: e.detail.unwrap_or_default(),
+        }
     }
 }

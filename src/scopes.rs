@@ -36,14 +36,8 @@ pub const CATALOG: &[ScopeGroup] = &[
         scopes: &[
             ("api_keys.read", "View API keys"),
             ("api_keys.create", "Create new keys"),
-            (
-                "api_keys.revoke",
-                "Revoke, disable, enable and delete existing keys",
-            ),
-            (
-                "api_keys.manage_all",
-                "Manage keys created by other members",
-            ),
+            ("api_keys.revoke", "Revoke, disable, enable and delete existing keys"),
+            ("api_keys.manage_all", "Manage keys created by other members"),
         ],
     },
     ScopeGroup {
@@ -57,10 +51,7 @@ pub const CATALOG: &[ScopeGroup] = &[
     },
     ScopeGroup {
         name: "fleet",
-        scopes: &[
-            ("fleet.read", "View gateway instances"),
-            ("fleet.manage", "Manage instances and join keys"),
-        ],
+        scopes: &[("fleet.read", "View gateway instances"), ("fleet.manage", "Manage instances and join keys")],
     },
     ScopeGroup {
         name: "audit",
@@ -72,40 +63,25 @@ pub const CATALOG: &[ScopeGroup] = &[
     },
     ScopeGroup {
         name: "billing",
-        scopes: &[
-            ("billing.read", "View billing information"),
-            ("billing.manage", "Change plans and payment methods"),
-        ],
+        scopes: &[("billing.read", "View billing information"), ("billing.manage", "Change plans and payment methods")],
     },
     ScopeGroup {
         name: "security",
-        scopes: &[
-            ("security.read", "View security settings"),
-            ("security.manage", "Change security settings"),
-        ],
+        scopes: &[("security.read", "View security settings"), ("security.manage", "Change security settings")],
     },
     ScopeGroup {
         name: "roles",
-        scopes: &[
-            ("roles.read", "View custom roles"),
-            ("roles.manage", "Create, edit and delete custom roles"),
-        ],
+        scopes: &[("roles.read", "View custom roles"), ("roles.manage", "Create, edit and delete custom roles")],
     },
     ScopeGroup {
         name: "compliance",
-        scopes: &[
-            ("compliance.read", "View compliance reports"),
-            ("compliance.export", "Export compliance reports"),
-        ],
+        scopes: &[("compliance.read", "View compliance reports"), ("compliance.export", "Export compliance reports")],
     },
     ScopeGroup {
         name: "integrations",
         scopes: &[
             ("integrations.read", "View third-party integrations"),
-            (
-                "integrations.manage",
-                "Connect and configure third-party integrations",
-            ),
+            ("integrations.manage", "Connect and configure third-party integrations"),
         ],
     },
     ScopeGroup {
@@ -121,6 +97,8 @@ pub const API_KEYS_READ: &str = "api_keys.read";
 pub const API_KEYS_CREATE: &str = "api_keys.create";
 pub const API_KEYS_REVOKE: &str = "api_keys.revoke";
 pub const API_KEYS_MANAGE_ALL: &str = "api_keys.manage_all";
+pub const AUDIT_READ: &str = "audit.read";
+pub const AUDIT_EXPORT: &str = "audit.export";
 
 /// Most scopes one request may name; more is a caller's bug or an attack.
 pub const MAX_SCOPES_PER_REQUEST: usize = 100;
@@ -148,9 +126,7 @@ const WORKSPACE_EXTRA: &[&str] = &[
 ];
 
 fn all_scopes() -> impl Iterator<Item = &'static str> {
-    CATALOG
-        .iter()
-        .flat_map(|g| g.scopes.iter().map(|(n, _)| *n))
+    CATALOG.iter().flat_map(|g| g.scopes.iter().map(|(n, _)| *n))
 }
 
 pub fn is_known(scope: &str) -> bool {
@@ -162,10 +138,9 @@ pub fn expand_preset(preset: Preset) -> Vec<String> {
     let set: BTreeSet<&str> = match preset {
         Preset::Organization => all_scopes().collect(),
         Preset::ReadOnly => all_scopes().filter(|s| s.ends_with(".read")).collect(),
-        Preset::Workspace => all_scopes()
-            .filter(|s| s.ends_with(".read"))
-            .chain(WORKSPACE_EXTRA.iter().copied())
-            .collect(),
+        Preset::Workspace => {
+            all_scopes().filter(|s| s.ends_with(".read")).chain(WORKSPACE_EXTRA.iter().copied()).collect()
+        }
     };
     set.into_iter().map(str::to_owned).collect()
 }
@@ -215,9 +190,7 @@ fn printable(s: &str) -> String {
 /// Validated custom set, sorted.
 pub fn custom(names: &[String]) -> Result<Vec<String>> {
     if names.is_empty() {
-        return Err(Error::invalid(
-            "custom scopes: give at least one scope, or use a preset",
-        ));
+        return Err(Error::invalid("custom scopes: give at least one scope, or use a preset"));
     }
     validate(names, "custom scopes")?;
     let mut v = names.to_vec();
@@ -227,11 +200,7 @@ pub fn custom(names: &[String]) -> Result<Vec<String>> {
 
 /// The scopes in `required` that `held` (sorted) lacks.
 pub fn missing(held: &[String], required: &[String]) -> Vec<String> {
-    required
-        .iter()
-        .filter(|r| held.binary_search(r).is_err())
-        .cloned()
-        .collect()
+    required.iter().filter(|r| held.binary_search(r).is_err()).cloned().collect()
 }
 
 #[cfg(test)]
@@ -240,10 +209,7 @@ mod tests {
 
     #[test]
     fn organization_preset_is_every_scope() {
-        assert_eq!(
-            expand_preset(Preset::Organization).len(),
-            all_scopes().count()
-        );
+        assert_eq!(expand_preset(Preset::Organization).len(), all_scopes().count());
     }
 
     #[test]

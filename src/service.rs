@@ -8,7 +8,7 @@ use crate::{
     hashing::Hasher,
     keys,
     metrics::Metrics,
-    model::{ApiKey, Cursor, Environment, KeyStatus, ListFilter, NewKey},
+    model::{ApiKey, AuditContext, AuditFilter, Cursor, Environment, KeyStatus, ListFilter, NewKey},
     proto::{self, pb},
     scopes,
     secret::SecretString,
@@ -18,6 +18,7 @@ use crate::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use pb::api_key_service_server::ApiKeyService;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -34,22 +35,12 @@ pub struct KeysService {
 }
 
 impl KeysService {
-    pub fn new(
-        store: Arc<dyn Store>,
-        hasher: Hasher,
-        verifier: Verifier,
-        auth: Authenticator,
-    ) -> Self {
-        Self {
-            store,
-            hasher,
-            verifier,
-            auth,
-        }
+    pub fn new(store: Arc<dyn Store>, hasher: Hasher, verifier: Verifier, auth: Authenticator) -> Self {
+        Self { store, hasher, verifier, auth }
     }
 
     async fn caller<T>(&self, req: &Request<T>, rpc: Rpc) -> Result<Caller> {
-        let caller = self.auth.authenticate(req.metadata()).await?;
+        let caller = self.auth.authenticate(req).await?;
         authorize(&caller, rpc)?;
         Ok(caller)
     }
@@ -76,35 +67,24 @@ impl KeysService {
         Ok(key)
     }
 
-    async fn create_key(
-        &self,
-        req: Request<pb::CreateKeyRequest>,
-    ) -> Result<pb::CreateKeyResponse> {
+    async fn create_key(&self, req: Request<pb::CreateKeyRequest>) -> Result<pb::CreateKeyResponse> {
         let caller = self.caller(&req, Rpc::CreateKey).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
         validate::name("name", &r.name)?;
         let scope_set = match &r.scopes {
             None => {
-                return Err(Error::invalid(
-                    "scopes are required: set `preset` or `custom`",
-                ));
+                return Err(Error::invalid("scopes are required: set `preset` or `custom`"));
             }
-            Some(pb::create_key_request::Scopes::Preset(p)) => {
-                scopes::expand_preset(proto::preset(*p)?)
-            }
+            Some(pb::create_key_request::Scopes::Preset(p)) => scopes::expand_preset(proto::preset(*p)?),
             Some(pb::create_key_request::Scopes::Custom(list)) => scopes::custom(&list.scopes)?,
         };
         caller.ensure_can_grant(&scope_set)?;
         let created_by = caller.actor()?;
         let environment = proto::environment(r.environment)?;
         let now = truncate_micros(Utc::now());
-        let expires_at = r
-            .expires_at
-            .as_ref()
-            .map(|t| proto::from_timestamp("expires_at", t))
-            .transpose()?
-            .map(truncate_micros);
+        let expires_at =
+            r.expires_at.as_ref().map(|t| proto::from_timestamp("expires_at", t)).transpose()?.map(truncate_micros);
         if expires_at.is_some_and(|t| t <= now) {
             return Err(Error::invalid("expires_at must be in the future"));
         }
@@ -112,21 +92,12 @@ impl KeysService {
         let (key, secret) = issue_key(
             &*self.store,
             &self.hasher,
-            KeySpec {
-                organization_id,
-                name: r.name,
-                scopes: scope_set,
-                created_by,
-                environment,
-                expires_at,
-            },
+            KeySpec { organization_id, name: r.name, scopes: scope_set, created_by, environment, expires_at },
+            &caller.audit(),
         )
         .await?;
         tracing::info!(key_id = %key.id, organization_id = %key.organization_id, "key created");
-        Ok(pb::CreateKeyResponse {
-            key: Some(key.into()),
-            secret: secret.into_exposed(),
-        })
+        Ok(pb::CreateKeyResponse { key: Some(key.into()), secret: secret.into_exposed() })
     }
 
     async fn get_key(&self, req: Request<pb::GetKeyRequest>) -> Result<pb::ApiKey> {
@@ -138,41 +109,20 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ListKeys).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
-        let page_size = match r.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n < 0 => return Err(Error::invalid("page_size must not be negative")),
-            n if n as usize > MAX_PAGE_SIZE => {
-                return Err(Error::invalid(format!(
-                    "page_size must be at most {MAX_PAGE_SIZE}"
-                )));
-            }
-            n => n as usize,
-        };
-        let after = (!r.page_token.is_empty())
-            .then(|| decode_page_token(&r.page_token))
-            .transpose()?;
+        let page_size = page_size(r.page_size)?;
+        let after = (!r.page_token.is_empty()).then(|| decode_page_token(&r.page_token)).transpose()?;
         let filter = ListFilter {
-            status: r
-                .status
-                .map(|s| proto::key_status("status", s))
-                .transpose()?
-                .flatten(),
+            status: r.status.map(|s| proto::key_status("status", s)).transpose()?.flatten(),
             created_by: r.created_by.filter(|c| !c.is_empty()),
         };
-        let mut keys = self
-            .store
-            .list_keys(&organization_id, &filter, after.as_ref(), page_size + 1)
-            .await?;
+        let mut keys = self.store.list_keys(&organization_id, &filter, after.as_ref(), page_size + 1).await?;
         let next_page_token = if keys.len() > page_size {
             keys.truncate(page_size);
             keys.last().map(encode_page_token).unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(pb::ListKeysResponse {
-            keys: keys.into_iter().map(Into::into).collect(),
-            next_page_token,
-        })
+        Ok(pb::ListKeysResponse { keys: keys.into_iter().map(Into::into).collect(), next_page_token })
     }
 
     async fn set_key_status(&self, req: Request<pb::SetKeyStatusRequest>) -> Result<pb::ApiKey> {
@@ -184,15 +134,13 @@ impl KeysService {
                 return Err(Error::invalid("status: use RevokeKey to revoke a key"));
             }
             None => {
-                return Err(Error::invalid(
-                    "status is required: KEY_STATUS_ACTIVE or KEY_STATUS_DISABLED",
-                ));
+                return Err(Error::invalid("status is required: KEY_STATUS_ACTIVE or KEY_STATUS_DISABLED"));
             }
         };
         self.managed_key(&caller, &r.id).await?;
         let key = self
             .store
-            .set_status(&r.id, status)
+            .set_status(&r.id, status, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", r.id)))?;
         self.verifier.invalidate(&key.id);
@@ -206,7 +154,7 @@ impl KeysService {
         self.managed_key(&caller, id).await?;
         let key = self
             .store
-            .revoke_key(id)
+            .revoke_key(id, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {id} not found")))?;
         self.verifier.invalidate(&key.id);
@@ -214,14 +162,11 @@ impl KeysService {
         Ok(key.into())
     }
 
-    async fn delete_key(
-        &self,
-        req: Request<pb::DeleteKeyRequest>,
-    ) -> Result<pb::DeleteKeyResponse> {
+    async fn delete_key(&self, req: Request<pb::DeleteKeyRequest>) -> Result<pb::DeleteKeyResponse> {
         let caller = self.caller(&req, Rpc::DeleteKey).await?;
         let id = &req.get_ref().id;
         self.managed_key(&caller, id).await?;
-        if !self.store.delete_key(id).await? {
+        if !self.store.delete_key(id, &caller.audit()).await? {
             return Err(Error::not_found(format!("key {id} not found")));
         }
         self.verifier.invalidate(id);
@@ -229,36 +174,28 @@ impl KeysService {
         Ok(pb::DeleteKeyResponse {})
     }
 
-    async fn verify_key(
-        &self,
-        req: Request<pb::VerifyKeyRequest>,
-    ) -> Result<pb::VerifyKeyResponse> {
+    async fn verify_key(&self, req: Request<pb::VerifyKeyRequest>) -> Result<pb::VerifyKeyResponse> {
         self.caller(&req, Rpc::VerifyKey).await?;
         let r = req.into_inner();
         scopes::validate(&r.required_scopes, "required_scopes")?;
         let organization_id = r.organization_id.as_deref().filter(|o| !o.is_empty());
         let deny = |code: pb::VerifyCode| {
             Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
-            pb::VerifyKeyResponse {
-                valid: false,
-                code: code as i32,
-                ..Default::default()
-            }
+            pb::VerifyKeyResponse { valid: false, code: code as i32, ..Default::default() }
         };
         let key = match self.verifier.resolve(&r.key).await? {
             Resolution::Malformed => return Ok(deny(pb::VerifyCode::Malformed)),
             Resolution::NotFound => return Ok(deny(pb::VerifyCode::NotFound)),
             Resolution::Key(k) => k,
         };
-        let (code, missing_scopes) =
-            match decide(&key, &r.required_scopes, organization_id, Utc::now()) {
-                Ok(()) => (pb::VerifyCode::Valid, vec![]),
-                Err(Denial::Revoked) => (pb::VerifyCode::Revoked, vec![]),
-                Err(Denial::Disabled) => (pb::VerifyCode::Disabled, vec![]),
-                Err(Denial::Expired) => (pb::VerifyCode::Expired, vec![]),
-                Err(Denial::WrongOrganization) => (pb::VerifyCode::WrongOrganization, vec![]),
-                Err(Denial::InsufficientScope(m)) => (pb::VerifyCode::InsufficientScope, m),
-            };
+        let (code, missing_scopes) = match decide(&key, &r.required_scopes, organization_id, Utc::now()) {
+            Ok(()) => (pb::VerifyCode::Valid, vec![]),
+            Err(Denial::Revoked) => (pb::VerifyCode::Revoked, vec![]),
+            Err(Denial::Disabled) => (pb::VerifyCode::Disabled, vec![]),
+            Err(Denial::Expired) => (pb::VerifyCode::Expired, vec![]),
+            Err(Denial::WrongOrganization) => (pb::VerifyCode::WrongOrganization, vec![]),
+            Err(Denial::InsufficientScope(m)) => (pb::VerifyCode::InsufficientScope, m),
+        };
         Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
         Ok(pb::VerifyKeyResponse {
             valid: code == pb::VerifyCode::Valid,
@@ -288,23 +225,68 @@ impl KeysService {
         })
     }
 
-    async fn list_scopes(
-        &self,
-        req: Request<pb::ListScopesRequest>,
-    ) -> Result<pb::ListScopesResponse> {
+    async fn list_scopes(&self, req: Request<pb::ListScopesRequest>) -> Result<pb::ListScopesResponse> {
         self.caller(&req, Rpc::ListScopes).await?;
         Ok(scope_catalog())
     }
 
-    async fn set_organization_plan(
-        &self,
-        req: Request<pb::SetOrganizationPlanRequest>,
-    ) -> Result<pb::Organization> {
-        self.caller(&req, Rpc::SetOrganizationPlan).await?;
+    async fn list_audit_events(&self, req: Request<pb::ListAuditEventsRequest>) -> Result<pb::ListAuditEventsResponse> {
+        let caller = self.caller(&req, Rpc::ListAuditEvents).await?;
+        let r = req.into_inner();
+        let organization_id = caller.organization(&r.organization_id)?;
+        let page_size = page_size(r.page_size)?;
+        let before_id = (!r.page_token.is_empty()).then(|| decode_audit_token(&r.page_token)).transpose()?;
+        let filter = AuditFilter {
+            since: r.since.as_ref().map(|t| proto::from_timestamp("since", t)).transpose()?,
+            until: r.until.as_ref().map(|t| proto::from_timestamp("until", t)).transpose()?,
+            action: r.action.map(proto::audit_action).transpose()?.flatten(),
+        };
+        let mut events = self.store.list_audit_events(&organization_id, &filter, before_id, page_size + 1).await?;
+        let next_page_token = if events.len() > page_size {
+            events.truncate(page_size);
+            events.last().map(|e| URL_SAFE_NO_PAD.encode(format!("audit.{}", e.id))).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListAuditEventsResponse { events: events.into_iter().map(Into::into).collect(), next_page_token })
+    }
+
+    async fn export_audit_events(&self, req: Request<pb::ExportAuditEventsRequest>) -> Result<AuditStream> {
+        let caller = self.caller(&req, Rpc::ExportAuditEvents).await?;
+        let r = req.into_inner();
+        let organization_id = caller.organization(&r.organization_id)?;
+        let filter = AuditFilter {
+            since: r.since.as_ref().map(|t| proto::from_timestamp("since", t)).transpose()?,
+            until: r.until.as_ref().map(|t| proto::from_timestamp("until", t)).transpose()?,
+            action: None,
+        };
+        let store = self.store.clone();
+        // Pages of EXPORT_BATCH rows, fetched as the client reads: memory
+        // stays bounded whatever the range, and a slow reader slows the reads.
+        let pages = futures::stream::try_unfold(Some(None::<i64>), move |cursor| {
+            let store = store.clone();
+            let organization_id = organization_id.clone();
+            let filter = filter.clone();
+            async move {
+                let Some(before) = cursor else { return Ok(None) };
+                let batch = store.list_audit_events(&organization_id, &filter, before, EXPORT_BATCH).await?;
+                let next = (batch.len() == EXPORT_BATCH).then(|| batch.last().map(|e| e.id));
+                Ok::<_, Error>(Some((batch, next)))
+            }
+        });
+        let events = pages
+            .map_ok(|batch| futures::stream::iter(batch.into_iter().map(|e| Ok::<_, Error>(pb::AuditEvent::from(e)))))
+            .try_flatten()
+            .map_err(Status::from);
+        Ok(Box::pin(events))
+    }
+
+    async fn set_organization_plan(&self, req: Request<pb::SetOrganizationPlanRequest>) -> Result<pb::Organization> {
+        let caller = self.caller(&req, Rpc::SetOrganizationPlan).await?;
         let r = req.into_inner();
         validate::ident("organization_id", &r.organization_id)?;
         let plan = proto::plan(r.plan)?;
-        let org = self.store.set_plan(&r.organization_id, plan).await?;
+        let org = self.store.set_plan(&r.organization_id, plan, &caller.audit()).await?;
         tracing::info!(organization_id = %org.id, plan = org.plan.as_str(), "plan set");
         Ok(proto::organization(org))
     }
@@ -327,22 +309,26 @@ pub async fn issue_key(
     store: &dyn Store,
     hasher: &Hasher,
     spec: KeySpec,
+    audit: &AuditContext,
 ) -> Result<(ApiKey, SecretString)> {
     let generated = keys::generate(spec.environment);
     let secret_hash = hasher.hash(generated.full.clone()).await?;
     let key = store
-        .create_key(NewKey {
-            id: generated.id.clone(),
-            prefix: generated.display_prefix(),
-            organization_id: spec.organization_id,
-            name: spec.name,
-            scopes: spec.scopes,
-            created_by: spec.created_by,
-            created_at: truncate_micros(Utc::now()),
-            expires_at: spec.expires_at,
-            environment: spec.environment,
-            secret_hash,
-        })
+        .create_key(
+            NewKey {
+                id: generated.id.clone(),
+                prefix: generated.display_prefix(),
+                organization_id: spec.organization_id,
+                name: spec.name,
+                scopes: spec.scopes,
+                created_by: spec.created_by,
+                created_at: truncate_micros(Utc::now()),
+                expires_at: spec.expires_at,
+                environment: spec.environment,
+                secret_hash,
+            },
+            audit,
+        )
         .await?;
     Ok((key, generated.full))
 }
@@ -356,30 +342,20 @@ fn scope_catalog() -> pb::ListScopesResponse {
                 scopes: g
                     .scopes
                     .iter()
-                    .map(|(n, d)| pb::ScopeInfo {
-                        name: (*n).to_owned(),
-                        description: (*d).to_owned(),
-                    })
+                    .map(|(n, d)| pb::ScopeInfo { name: (*n).to_owned(), description: (*d).to_owned() })
                     .collect(),
             })
             .collect(),
         presets: scopes::PRESETS
             .iter()
-            .map(|p| pb::PresetInfo {
-                preset: pb::ScopePreset::from(*p) as i32,
-                scopes: scopes::expand_preset(*p),
-            })
+            .map(|p| pb::PresetInfo { preset: pb::ScopePreset::from(*p) as i32, scopes: scopes::expand_preset(*p) })
             .collect(),
     }
 }
 
 /// Ids in error messages are ours only when well-formed; anything else is cut.
 fn printable_id(id: &str) -> String {
-    if keys::is_valid_id(id) {
-        id.to_owned()
-    } else {
-        format!("{:?}", id.chars().take(32).collect::<String>())
-    }
+    if keys::is_valid_id(id) { id.to_owned() } else { format!("{:?}", id.chars().take(32).collect::<String>()) }
 }
 
 /// Opaque to clients: the last row's position, `<micros>.<id>`, base64url.
@@ -388,11 +364,7 @@ fn encode_page_token(k: &ApiKey) -> String {
 }
 
 fn decode_page_token(token: &str) -> Result<Cursor> {
-    let bad = || {
-        Error::invalid(
-            "page_token is not one this service issued; start again with an empty page_token",
-        )
-    };
+    let bad = || Error::invalid("page_token is not one this service issued; start again with an empty page_token");
     let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let raw = String::from_utf8(raw).map_err(|_| bad())?;
     let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
@@ -401,10 +373,28 @@ fn decode_page_token(token: &str) -> Result<Cursor> {
     if !keys::is_valid_id(id) {
         return Err(bad());
     }
-    Ok(Cursor {
-        created_at,
-        id: id.to_owned(),
-    })
+    Ok(Cursor { created_at, id: id.to_owned() })
+}
+
+/// Rows read per page while exporting the audit log.
+const EXPORT_BATCH: usize = 500;
+
+pub type AuditStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
+
+fn page_size(requested: i32) -> Result<usize> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n < 0 => Err(Error::invalid("page_size must not be negative")),
+        n if n as usize > MAX_PAGE_SIZE => Err(Error::invalid(format!("page_size must be at most {MAX_PAGE_SIZE}"))),
+        n => Ok(n as usize),
+    }
+}
+
+fn decode_audit_token(token: &str) -> Result<i64> {
+    let bad = || Error::invalid("page_token is not one this service issued; start again with an empty page_token");
+    let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    raw.strip_prefix("audit.").and_then(|id| id.parse().ok()).ok_or_else(bad)
 }
 
 /// Runs a handler body and maps its domain error to a status in one place.
@@ -414,55 +404,31 @@ fn respond<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl ApiKeyService for KeysService {
-    async fn create_key(
-        &self,
-        r: Request<pb::CreateKeyRequest>,
-    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+    async fn create_key(&self, r: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
         respond(KeysService::create_key(self, r).await)
     }
     async fn get_key(&self, r: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         respond(KeysService::get_key(self, r).await)
     }
-    async fn list_keys(
-        &self,
-        r: Request<pb::ListKeysRequest>,
-    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(&self, r: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
         respond(KeysService::list_keys(self, r).await)
     }
-    async fn set_key_status(
-        &self,
-        r: Request<pb::SetKeyStatusRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
+    async fn set_key_status(&self, r: Request<pb::SetKeyStatusRequest>) -> Result<Response<pb::ApiKey>, Status> {
         respond(KeysService::set_key_status(self, r).await)
     }
-    async fn revoke_key(
-        &self,
-        r: Request<pb::RevokeKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
+    async fn revoke_key(&self, r: Request<pb::RevokeKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         respond(KeysService::revoke_key(self, r).await)
     }
-    async fn delete_key(
-        &self,
-        r: Request<pb::DeleteKeyRequest>,
-    ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+    async fn delete_key(&self, r: Request<pb::DeleteKeyRequest>) -> Result<Response<pb::DeleteKeyResponse>, Status> {
         respond(KeysService::delete_key(self, r).await)
     }
-    async fn verify_key(
-        &self,
-        r: Request<pb::VerifyKeyRequest>,
-    ) -> Result<Response<pb::VerifyKeyResponse>, Status> {
+    async fn verify_key(&self, r: Request<pb::VerifyKeyRequest>) -> Result<Response<pb::VerifyKeyResponse>, Status> {
         respond(KeysService::verify_key(self, r).await)
     }
-    async fn get_key_stats(
-        &self,
-        r: Request<pb::GetKeyStatsRequest>,
-    ) -> Result<Response<pb::KeyStats>, Status> {
+    async fn get_key_stats(&self, r: Request<pb::GetKeyStatsRequest>) -> Result<Response<pb::KeyStats>, Status> {
         respond(KeysService::get_key_stats(self, r).await)
     }
-    async fn list_scopes(
-        &self,
-        r: Request<pb::ListScopesRequest>,
-    ) -> Result<Response<pb::ListScopesResponse>, Status> {
+    async fn list_scopes(&self, r: Request<pb::ListScopesRequest>) -> Result<Response<pb::ListScopesResponse>, Status> {
         respond(KeysService::list_scopes(self, r).await)
     }
     async fn set_organization_plan(
@@ -470,5 +436,18 @@ impl ApiKeyService for KeysService {
         r: Request<pb::SetOrganizationPlanRequest>,
     ) -> Result<Response<pb::Organization>, Status> {
         respond(KeysService::set_organization_plan(self, r).await)
+    }
+    async fn list_audit_events(
+        &self,
+        r: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        respond(KeysService::list_audit_events(self, r).await)
+    }
+    type ExportAuditEventsStream = AuditStream;
+    async fn export_audit_events(
+        &self,
+        r: Request<pb::ExportAuditEventsRequest>,
+    ) -> Result<Response<AuditStream>, Status> {
+        respond(KeysService::export_audit_events(self, r).await)
     }
 }

@@ -6,8 +6,9 @@ use crate::{
     cache::VerifyCache,
     config::{BootstrapArgs, HealthArgs, ServeArgs, StoreArgs},
     error::{Error, Result},
-    hashing::Hasher,
+    hashing::{Hasher, Peppers},
     metrics::Metrics,
+    model::AuditContext,
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
     scopes::{self, Preset},
     secret::SecretString,
@@ -40,8 +41,13 @@ pub async fn open_store(
     metrics: Arc<Metrics>,
 ) -> Result<(Arc<dyn Store>, Hasher)> {
     let store = store::connect(args.database_url.expose(), &args.store_options()).await?;
-    let pepper = resolve_pepper(args).await?;
-    let hasher = Hasher::with_queue(pepper, args.hash_params(), hash_queue, metrics)?;
+    let current = resolve_pepper(args).await?;
+    let previous = args
+        .previous_peppers
+        .as_ref()
+        .map(|p| p.expose().split(',').map(str::trim).filter(|s| !s.is_empty()).map(SecretString::new).collect())
+        .unwrap_or_default();
+    let hasher = Hasher::with_queue(Peppers { current, previous }, args.hash_params(), hash_queue, metrics)?;
     Ok((store, hasher))
 }
 
@@ -91,10 +97,7 @@ fn embedded_pepper(db: &Path) -> Result<SecretString> {
         Ok(p) => return Ok(SecretString::new(p.trim_end())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            return Err(Error::invalid(format!(
-                "pepper file {}: {e}",
-                path.display()
-            )));
+            return Err(Error::invalid(format!("pepper file {}: {e}", path.display())));
         }
     }
     let pepper = fresh()?;
@@ -116,10 +119,7 @@ fn embedded_pepper(db: &Path) -> Result<SecretString> {
             let p = std::fs::read_to_string(&path).map_err(Error::internal)?;
             Ok(SecretString::new(p.trim_end()))
         }
-        Err(e) => Err(Error::invalid(format!(
-            "cannot write pepper file {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(Error::invalid(format!("cannot write pepper file {}: {e}", path.display()))),
     }
 }
 
@@ -151,13 +151,7 @@ impl Application {
         }
         let usage = Usage::new(store.clone(), metrics.clone());
         let cache = Arc::new(VerifyCache::new(args.cache_settings()));
-        let verifier = Verifier::new(
-            store.clone(),
-            hasher.clone(),
-            usage.clone(),
-            cache,
-            metrics.clone(),
-        );
+        let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone(), cache, metrics.clone());
         let auth = Authenticator::new(tokens, verifier.clone());
         let service = KeysService::new(store.clone(), hasher, verifier.clone(), auth);
         let listener = TcpListener::bind(args.listen)
@@ -175,9 +169,7 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.listener.local_addr().expect("bound listener has an address")
     }
 
     /// The usage counter, so tests and shutdown can force a flush.
@@ -195,14 +187,9 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then drains in-flight calls and
     /// flushes usage counts before returning.
-    pub async fn run_until(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<()> {
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let flusher = self
-            .usage
-            .spawn_flusher(self.usage_flush_interval, stop_rx.clone());
+        let flusher = self.usage.spawn_flusher(self.usage_flush_interval, stop_rx.clone());
         let watcher = {
             let store = self.store.clone();
             let sink: Arc<dyn ChangeSink> = Arc::new(self.verifier.clone());
@@ -254,18 +241,9 @@ impl Application {
 /// that ask either see the same answer.
 async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
     use tonic_health::ServingStatus;
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
     health.set_service_status("", status).await;
-    health
-        .set_service_status(
-            <ApiKeyServiceServer<KeysService> as tonic::server::NamedService>::NAME,
-            status,
-        )
-        .await;
+    health.set_service_status(<ApiKeyServiceServer<KeysService> as tonic::server::NamedService>::NAME, status).await;
 }
 
 /// Keeps health true to the store: SERVING only while it answers.
@@ -281,9 +259,7 @@ async fn probe_health(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping())
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping()).await.is_ok_and(|r| r.is_ok());
         if ok != serving {
             serving = ok;
             if ok {
@@ -305,7 +281,7 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, Se
     validate::name("--name", &args.name)?;
     let (store, hasher) = open_store(&args.store, 1, Arc::default()).await?;
     if let Some(plan) = args.plan {
-        store.set_plan(&args.organization, plan).await?;
+        store.set_plan(&args.organization, plan, &AuditContext::operator(&args.member)).await?;
     }
     issue_key(
         &*store,
@@ -318,6 +294,7 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, Se
             environment: crate::model::Environment::Live,
             expires_at: None,
         },
+        &AuditContext::operator(&args.member),
     )
     .await
 }
@@ -325,9 +302,7 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, Se
 /// `takumo-keys health`: asks a running server's `grpc.health.v1.Health`
 /// whether it is SERVING. For container health checks, which cannot speak gRPC.
 pub async fn health_check(args: &HealthArgs) -> Result<()> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let timeout = Duration::from_millis(args.timeout_ms);
     let check = async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
@@ -336,29 +311,21 @@ pub async fn health_check(args: &HealthArgs) -> Result<()> {
             .connect()
             .await
             .map_err(Error::unavailable)?;
-        let resp = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map_err(|s| Error::Unavailable {
-                message: format!("health check failed: {}", s.message()),
-                source: None,
+        let resp =
+            HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map_err(|s| {
+                Error::Unavailable { message: format!("health check failed: {}", s.message()), source: None }
             })?;
         match resp.into_inner().status() {
             ServingStatus::Serving => Ok(()),
-            other => Err(Error::Unavailable {
-                message: format!("server reports {}", other.as_str_name()),
-                source: None,
-            }),
+            other => {
+                Err(Error::Unavailable { message: format!("server reports {}", other.as_str_name()), source: None })
+            }
         }
     };
-    tokio::time::timeout(timeout, check)
-        .await
-        .map_err(|_| Error::Unavailable {
-            message: format!("no answer from {} in {timeout:?}", args.addr),
-            source: None,
-        })?
+    tokio::time::timeout(timeout, check).await.map_err(|_| Error::Unavailable {
+        message: format!("no answer from {} in {timeout:?}", args.addr),
+        source: None,
+    })?
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

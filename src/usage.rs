@@ -65,33 +65,20 @@ struct Inner {
 
 impl Usage {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                store,
-                metrics,
-                pending: Mutex::new(HashMap::new()),
-            }),
-        }
+        Self { inner: Arc::new(Inner { store, metrics, pending: Mutex::new(HashMap::new()) }) }
     }
 
     /// Counts one call of `key` at `at`. Never blocks on I/O.
     pub fn record(&self, key: &ApiKey, at: DateTime<Utc>) {
         let minute = at.duration_trunc(ChronoDuration::minutes(1)).unwrap_or(at);
-        let one = Pending {
-            minute,
-            calls: 1,
-            last_used_at: at,
-        };
+        let one = Pending { minute, calls: 1, last_used_at: at };
         let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
         match pending.get_mut(key.id.as_str()) {
             Some(u) => u.add(one),
             None => {
                 pending.insert(
                     key.id.clone(),
-                    KeyUsage {
-                        organization_id: key.organization_id.clone(),
-                        buckets: vec![one],
-                    },
+                    KeyUsage { organization_id: key.organization_id.clone(), buckets: vec![one] },
                 );
             }
         }

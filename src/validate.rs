@@ -10,19 +10,13 @@ pub const MAX_LEN: usize = 64;
 pub fn name(field: &str, value: &str) -> Result<()> {
     let len = value.chars().count();
     if len == 0 || value.trim().is_empty() {
-        return Err(Error::invalid(format!(
-            "{field} is required (1–{MAX_LEN} printable characters)"
-        )));
+        return Err(Error::invalid(format!("{field} is required (1–{MAX_LEN} printable characters)")));
     }
     if len > MAX_LEN {
-        return Err(Error::invalid(format!(
-            "{field} is {len} characters long; at most {MAX_LEN} are allowed"
-        )));
+        return Err(Error::invalid(format!("{field} is {len} characters long; at most {MAX_LEN} are allowed")));
     }
     if value.chars().any(char::is_control) {
-        return Err(Error::invalid(format!(
-            "{field} must not contain control characters"
-        )));
+        return Err(Error::invalid(format!("{field} must not contain control characters")));
     }
     Ok(())
 }
@@ -32,9 +26,7 @@ pub fn name(field: &str, value: &str) -> Result<()> {
 pub fn ident(field: &str, value: &str) -> Result<()> {
     name(field, value)?;
     if value.chars().any(char::is_whitespace) {
-        return Err(Error::invalid(format!(
-            "{field} must not contain whitespace"
-        )));
+        return Err(Error::invalid(format!("{field} must not contain whitespace")));
     }
     Ok(())
 }

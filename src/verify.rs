@@ -81,13 +81,7 @@ impl Verifier {
         cache: Arc<VerifyCache>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
-            store,
-            hasher,
-            usage,
-            cache,
-            metrics,
-        }
+        Self { store, hasher, usage, cache, metrics }
     }
 
     /// Resolves a presented key to the stored key it proves, counting one
@@ -119,18 +113,13 @@ impl Verifier {
         Metrics::inc(&self.metrics.cache_misses);
         let epoch = self.cache.epoch();
         Metrics::inc(&self.metrics.store_key_reads);
-        let Some((key, phc)) = self.store.get_key_with_hash(parsed.id).await? else {
+        let Some((key, stored)) = self.store.get_key_with_hash(parsed.id).await? else {
             self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         };
         // A key of the wrong environment with the right secret cannot exist,
         // but the check is free and keeps the prefix honest.
-        if key.environment != parsed.environment
-            || !self
-                .hasher
-                .verify(SecretString::new(presented), phc)
-                .await?
-        {
+        if key.environment != parsed.environment || !self.hasher.verify(SecretString::new(presented), stored).await? {
             self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         }

@@ -21,27 +21,15 @@ fn preset(p: pb::ScopePreset) -> Option<Scopes> {
 }
 
 fn custom(s: &[&str]) -> Option<Scopes> {
-    Some(Scopes::Custom(pb::ScopeList {
-        scopes: s.iter().map(|x| x.to_string()).collect(),
-    }))
+    Some(Scopes::Custom(pb::ScopeList { scopes: s.iter().map(|x| x.to_string()).collect() }))
 }
 
 fn create_req(org: &str, name: &str, scopes: Option<Scopes>) -> pb::CreateKeyRequest {
-    pb::CreateKeyRequest {
-        organization_id: org.into(),
-        name: name.into(),
-        scopes,
-        ..Default::default()
-    }
+    pb::CreateKeyRequest { organization_id: org.into(), name: name.into(), scopes, ..Default::default() }
 }
 
 /// Creates a key as the dashboard acting for `actor`; returns it and its secret.
-async fn create_as(
-    app: &TestApp,
-    org: &str,
-    actor: &str,
-    scopes: Option<Scopes>,
-) -> (pb::ApiKey, String) {
+async fn create_as(app: &TestApp, org: &str, actor: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
     let r = app
         .client
         .clone()
@@ -56,12 +44,7 @@ async fn create(app: &TestApp, org: &str, scopes: Option<Scopes>) -> (pb::ApiKey
     create_as(app, org, "alice", scopes).await
 }
 
-async fn verify(
-    app: &TestApp,
-    key: &str,
-    required: &[&str],
-    org: Option<&str>,
-) -> pb::VerifyKeyResponse {
+async fn verify(app: &TestApp, key: &str, required: &[&str], org: Option<&str>) -> pb::VerifyKeyResponse {
     app.client
         .clone()
         .verify_key(as_service(
@@ -85,10 +68,7 @@ async fn set_plan(app: &TestApp, org: &str, plan: pb::Plan) {
     app.client
         .clone()
         .set_organization_plan(as_service(
-            pb::SetOrganizationPlanRequest {
-                organization_id: org.into(),
-                plan: plan as i32,
-            },
+            pb::SetOrganizationPlanRequest { organization_id: org.into(), plan: plan as i32 },
             "billing",
         ))
         .await
@@ -103,37 +83,17 @@ async fn secret_is_returned_once_and_never_again(b: Backend) {
     assert!(secret.starts_with(&key.prefix));
     assert_eq!(key.prefix.len(), 16);
     let mut c = app.client.clone();
-    let got = c
-        .get_key(as_service(
-            pb::GetKeyRequest { id: key.id.clone() },
-            "alice",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = c.get_key(as_service(pb::GetKeyRequest { id: key.id.clone() }, "alice")).await.unwrap().into_inner();
     let listed = c
-        .list_keys(as_service(
-            pb::ListKeysRequest {
-                organization_id: "acme".into(),
-                ..Default::default()
-            },
-            "alice",
-        ))
+        .list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "alice"))
         .await
         .unwrap()
         .into_inner();
     let verified = verify(&app, &secret, &[], None).await;
     let secret_part = &secret[24..56];
-    for bytes in [
-        got.encode_to_vec(),
-        listed.encode_to_vec(),
-        verified.encode_to_vec(),
-    ] {
+    for bytes in [got.encode_to_vec(), listed.encode_to_vec(), verified.encode_to_vec()] {
         let text = String::from_utf8_lossy(&bytes);
-        assert!(
-            !text.contains(secret_part),
-            "secret leaked in a later response"
-        );
+        assert!(!text.contains(secret_part), "secret leaked in a later response");
     }
     assert!(verified.valid);
 }
@@ -141,18 +101,10 @@ async fn secret_is_returned_once_and_never_again(b: Backend) {
 async fn presets_expand_to_the_catalogs_sets(b: Backend) {
     let app = TestApp::spawn(b).await;
     set_plan(&app, "acme", pb::Plan::Enterprise).await;
-    let catalog = app
-        .client
-        .clone()
-        .list_scopes(as_service(pb::ListScopesRequest {}, "alice"))
-        .await
-        .unwrap()
-        .into_inner();
+    let catalog =
+        app.client.clone().list_scopes(as_service(pb::ListScopesRequest {}, "alice")).await.unwrap().into_inner();
     assert_eq!(catalog.groups.len(), 12);
-    assert_eq!(
-        catalog.groups.iter().map(|g| g.scopes.len()).sum::<usize>(),
-        34
-    );
+    assert_eq!(catalog.groups.iter().map(|g| g.scopes.len()).sum::<usize>(), 34);
     for (p, domain) in [
         (pb::ScopePreset::Workspace, Preset::Workspace),
         (pb::ScopePreset::Organization, Preset::Organization),
@@ -160,11 +112,7 @@ async fn presets_expand_to_the_catalogs_sets(b: Backend) {
     ] {
         let (key, _) = create(&app, "acme", preset(p)).await;
         assert_eq!(key.scopes, scopes::expand_preset(domain));
-        let listed = catalog
-            .presets
-            .iter()
-            .find(|x| x.preset == p as i32)
-            .unwrap();
+        let listed = catalog.presets.iter().find(|x| x.preset == p as i32).unwrap();
         assert_eq!(listed.scopes, key.scopes);
     }
     let (key, _) = create(&app, "acme", custom(&["fleet.read", "audit.export"])).await;
@@ -175,88 +123,43 @@ async fn invalid_create_requests_are_invalid_argument(b: Backend) {
     let app = TestApp::spawn(b).await;
     let mut c = app.client.clone();
     let cases: Vec<(pb::CreateKeyRequest, &str)> = vec![
-        (
-            create_req("acme", "", preset(pb::ScopePreset::ReadOnly)),
-            "name",
-        ),
-        (
-            create_req("acme", &"x".repeat(65), preset(pb::ScopePreset::ReadOnly)),
-            "at most 64",
-        ),
-        (
-            create_req("acme", "bad\nname", preset(pb::ScopePreset::ReadOnly)),
-            "control",
-        ),
+        (create_req("acme", "", preset(pb::ScopePreset::ReadOnly)), "name"),
+        (create_req("acme", &"x".repeat(65), preset(pb::ScopePreset::ReadOnly)), "at most 64"),
+        (create_req("acme", "bad\nname", preset(pb::ScopePreset::ReadOnly)), "control"),
         (create_req("acme", "k", None), "preset"),
-        (
-            create_req("acme", "k", preset(pb::ScopePreset::Unspecified)),
-            "preset",
-        ),
+        (create_req("acme", "k", preset(pb::ScopePreset::Unspecified)), "preset"),
         (create_req("acme", "k", Some(Scopes::Preset(99))), "preset"),
         (create_req("acme", "k", custom(&[])), "at least one"),
-        (
-            create_req("acme", "k", custom(&["fleet.read", "fleet.fly"])),
-            "fleet.fly",
-        ),
-        (
-            create_req("acme", "k", custom(&["fleet.read", "fleet.read"])),
-            "duplicate",
-        ),
-        (
-            create_req("", "k", preset(pb::ScopePreset::ReadOnly)),
-            "organization_id",
-        ),
+        (create_req("acme", "k", custom(&["fleet.read", "fleet.fly"])), "fleet.fly"),
+        (create_req("acme", "k", custom(&["fleet.read", "fleet.read"])), "duplicate"),
+        (create_req("", "k", preset(pb::ScopePreset::ReadOnly)), "organization_id"),
         (
             pb::CreateKeyRequest {
-                expires_at: Some(prost_types::Timestamp {
-                    seconds: 1,
-                    nanos: 0,
-                }),
+                expires_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
                 ..create_req("acme", "k", preset(pb::ScopePreset::ReadOnly))
             },
             "future",
         ),
         (
-            pb::CreateKeyRequest {
-                environment: 7,
-                ..create_req("acme", "k", preset(pb::ScopePreset::ReadOnly))
-            },
+            pb::CreateKeyRequest { environment: 7, ..create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)) },
             "environment",
         ),
     ];
     for (req, needle) in cases {
         let err = c.create_key(as_service(req, "alice")).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
-        assert!(
-            err.message().contains(needle),
-            "{:?} lacks {needle:?}",
-            err.message()
-        );
+        assert!(err.message().contains(needle), "{:?} lacks {needle:?}", err.message());
     }
     // A service token must name the acting member.
     let err = c
-        .create_key(with_bearer(
-            create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)),
-            SERVICE_TOKEN,
-        ))
+        .create_key(with_bearer(create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)), SERVICE_TOKEN))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("x-takumo-actor"));
-    let stats = c
-        .get_key_stats(as_service(
-            pb::GetKeyStatsRequest {
-                organization_id: "acme".into(),
-            },
-            "a",
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        stats.into_inner().total_keys,
-        0,
-        "no invalid request created a key"
-    );
+    let stats =
+        c.get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a")).await.unwrap();
+    assert_eq!(stats.into_inner().total_keys, 0, "no invalid request created a key");
 }
 
 async fn test_environment_keys_carry_the_test_prefix(b: Backend) {
@@ -265,13 +168,7 @@ async fn test_environment_keys_carry_the_test_prefix(b: Backend) {
         environment: pb::Environment::Test as i32,
         ..create_req("acme", "staging-gateway", preset(pb::ScopePreset::ReadOnly))
     };
-    let r = app
-        .client
-        .clone()
-        .create_key(as_service(req, "alice"))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = app.client.clone().create_key(as_service(req, "alice")).await.unwrap().into_inner();
     assert!(r.secret.starts_with("tk_test_"));
     assert_eq!(r.key.unwrap().environment(), pb::Environment::Test);
     let v = verify(&app, &r.secret, &[], None).await;
@@ -287,18 +184,11 @@ async fn over_the_plan_limit_create_is_resource_exhausted(b: Backend) {
     let err = app
         .client
         .clone()
-        .create_key(as_service(
-            create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)),
-            "alice",
-        ))
+        .create_key(as_service(create_req("acme", "k", preset(pb::ScopePreset::ReadOnly)), "alice"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(
-        err.message().contains("Free") && err.message().contains('3'),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("Free") && err.message().contains('3'), "{}", err.message());
     // Upgrading lifts the limit; downgrading blocks new keys but keeps old ones.
     set_plan(&app, "acme", pb::Plan::Developer).await;
     create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
@@ -306,19 +196,11 @@ async fn over_the_plan_limit_create_is_resource_exhausted(b: Backend) {
     let stats = app
         .client
         .clone()
-        .get_key_stats(as_service(
-            pb::GetKeyStatsRequest {
-                organization_id: "acme".into(),
-            },
-            "a",
-        ))
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (stats.active_keys, stats.keys_counted, stats.key_limit),
-        (4, 4, 3)
-    );
+    assert_eq!((stats.active_keys, stats.keys_counted, stats.key_limit), (4, 4, 3));
     assert_eq!(stats.plan(), pb::Plan::Free);
 }
 
@@ -347,12 +229,7 @@ async fn fifty_concurrent_creates_on_free_yield_exactly_three_keys(b: Backend) {
     let stats = app
         .client
         .clone()
-        .get_key_stats(as_service(
-            pb::GetKeyStatsRequest {
-                organization_id: "race".into(),
-            },
-            "a",
-        ))
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "race".into() }, "a"))
         .await
         .unwrap()
         .into_inner();
@@ -364,12 +241,7 @@ async fn list_pages_across_pages_newest_first(b: Backend) {
     set_plan(&app, "acme", pb::Plan::Pro).await;
     let mut created = vec![];
     for _ in 0..5 {
-        created.push(
-            create(&app, "acme", preset(pb::ScopePreset::ReadOnly))
-                .await
-                .0
-                .id,
-        );
+        created.push(create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await.0.id);
     }
     create_as(&app, "acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
     create(&app, "other", preset(pb::ScopePreset::ReadOnly)).await;
@@ -404,28 +276,10 @@ async fn list_pages_across_pages_newest_first(b: Backend) {
     assert_eq!(seen, created);
     assert_eq!(pages, 3);
     for (req, needle) in [
+        (pb::ListKeysRequest { organization_id: "acme".into(), page_size: 501, ..Default::default() }, "500"),
+        (pb::ListKeysRequest { organization_id: "acme".into(), page_size: -1, ..Default::default() }, "negative"),
         (
-            pb::ListKeysRequest {
-                organization_id: "acme".into(),
-                page_size: 501,
-                ..Default::default()
-            },
-            "500",
-        ),
-        (
-            pb::ListKeysRequest {
-                organization_id: "acme".into(),
-                page_size: -1,
-                ..Default::default()
-            },
-            "negative",
-        ),
-        (
-            pb::ListKeysRequest {
-                organization_id: "acme".into(),
-                page_token: "garbage!".into(),
-                ..Default::default()
-            },
+            pb::ListKeysRequest { organization_id: "acme".into(), page_token: "garbage!".into(), ..Default::default() },
             "page_token",
         ),
     ] {
@@ -440,61 +294,27 @@ async fn toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled(b: Ba
     let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
     let set = |status: pb::KeyStatus| {
-        as_service(
-            pb::SetKeyStatusRequest {
-                id: key.id.clone(),
-                status: status as i32,
-            },
-            "alice",
-        )
+        as_service(pb::SetKeyStatusRequest { id: key.id.clone(), status: status as i32 }, "alice")
     };
     for _ in 0..2 {
-        let k = c
-            .set_key_status(set(pb::KeyStatus::Disabled))
-            .await
-            .unwrap()
-            .into_inner();
+        let k = c.set_key_status(set(pb::KeyStatus::Disabled)).await.unwrap().into_inner();
         assert_eq!(k.status(), pb::KeyStatus::Disabled);
     }
-    assert_eq!(
-        code_of(&verify(&app, &secret, &[], None).await),
-        pb::VerifyCode::Disabled
-    );
+    assert_eq!(code_of(&verify(&app, &secret, &[], None).await), pb::VerifyCode::Disabled);
     c.set_key_status(set(pb::KeyStatus::Active)).await.unwrap();
     assert!(verify(&app, &secret, &[], None).await.valid);
     for bad in [pb::KeyStatus::Unspecified, pb::KeyStatus::Revoked] {
-        assert_eq!(
-            c.set_key_status(set(bad)).await.unwrap_err().code(),
-            Code::InvalidArgument
-        );
+        assert_eq!(c.set_key_status(set(bad)).await.unwrap_err().code(), Code::InvalidArgument);
     }
-    let revoked = c
-        .revoke_key(as_service(
-            pb::RevokeKeyRequest { id: key.id.clone() },
-            "alice",
-        ))
-        .await
-        .unwrap();
+    let revoked = c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(revoked.into_inner().status(), pb::KeyStatus::Revoked);
-    let err = c
-        .set_key_status(set(pb::KeyStatus::Active))
-        .await
-        .unwrap_err();
+    let err = c.set_key_status(set(pb::KeyStatus::Active)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("revoked"));
-    assert_eq!(
-        code_of(&verify(&app, &secret, &[], None).await),
-        pb::VerifyCode::Revoked
-    );
+    assert_eq!(code_of(&verify(&app, &secret, &[], None).await), pb::VerifyCode::Revoked);
     // A revoked key stays listed.
     let listed = c
-        .list_keys(as_service(
-            pb::ListKeysRequest {
-                organization_id: "acme".into(),
-                ..Default::default()
-            },
-            "alice",
-        ))
+        .list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "alice"))
         .await
         .unwrap()
         .into_inner();
@@ -508,80 +328,40 @@ async fn deleted_key_stops_verifying_and_still_counts_in_total_keys(b: Backend) 
     create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
     assert!(verify(&app, &secret, &[], None).await.valid);
-    c.delete_key(as_service(
-        pb::DeleteKeyRequest { id: key.id.clone() },
-        "alice",
-    ))
-    .await
-    .unwrap();
-    assert_eq!(
-        code_of(&verify(&app, &secret, &[], None).await),
-        pb::VerifyCode::NotFound
-    );
-    let err = c
-        .get_key(as_service(
-            pb::GetKeyRequest { id: key.id.clone() },
-            "alice",
-        ))
-        .await
-        .unwrap_err();
+    c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
+    assert_eq!(code_of(&verify(&app, &secret, &[], None).await), pb::VerifyCode::NotFound);
+    let err = c.get_key(as_service(pb::GetKeyRequest { id: key.id.clone() }, "alice")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = c
-        .delete_key(as_service(
-            pb::DeleteKeyRequest { id: key.id.clone() },
-            "alice",
-        ))
-        .await
-        .unwrap_err();
+    let err = c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     app.usage.flush().await.unwrap();
     let stats = c
-        .get_key_stats(as_service(
-            pb::GetKeyStatsRequest {
-                organization_id: "acme".into(),
-            },
-            "a",
-        ))
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!((stats.total_keys, stats.active_keys), (2, 1));
-    assert_eq!(
-        stats.api_calls_24h, 1,
-        "the deleted key's call still counts"
-    );
+    assert_eq!(stats.api_calls_24h, 1, "the deleted key's call still counts");
 }
 
 async fn unknown_ids_are_not_found_and_empty_ids_invalid(b: Backend) {
     let app = TestApp::spawn(b).await;
     let mut c = app.client.clone();
     for id in ["0000000000000000", "nope", "'; DROP TABLE api_keys; --"] {
-        let e = c
-            .get_key(as_service(pb::GetKeyRequest { id: id.into() }, "a"))
-            .await
-            .unwrap_err();
+        let e = c.get_key(as_service(pb::GetKeyRequest { id: id.into() }, "a")).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{id}");
-        let e = c
-            .revoke_key(as_service(pb::RevokeKeyRequest { id: id.into() }, "a"))
-            .await
-            .unwrap_err();
+        let e = c.revoke_key(as_service(pb::RevokeKeyRequest { id: id.into() }, "a")).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{id}");
         let e = c
             .set_key_status(as_service(
-                pb::SetKeyStatusRequest {
-                    id: id.into(),
-                    status: pb::KeyStatus::Disabled as i32,
-                },
+                pb::SetKeyStatusRequest { id: id.into(), status: pb::KeyStatus::Disabled as i32 },
                 "a",
             ))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{id}");
     }
-    let e = c
-        .get_key(as_service(pb::GetKeyRequest { id: String::new() }, "a"))
-        .await
-        .unwrap_err();
+    let e = c.get_key(as_service(pb::GetKeyRequest { id: String::new() }, "a")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
@@ -592,22 +372,14 @@ async fn verify_answers_every_denial_with_its_code(b: Backend) {
     assert!(ok.valid);
     assert_eq!(code_of(&ok), pb::VerifyCode::Valid);
     assert_eq!(
-        (
-            ok.key_id.as_str(),
-            ok.organization_id.as_str(),
-            ok.created_by.as_str()
-        ),
+        (ok.key_id.as_str(), ok.organization_id.as_str(), ok.created_by.as_str()),
         (key.id.as_str(), "acme", "alice")
     );
     assert_eq!(ok.name, "cursor-dev");
 
     // One character changed in the checksum: a typo, caught without any lookup.
     let last = secret.chars().last().unwrap();
-    let typo = format!(
-        "{}{}",
-        &secret[..secret.len() - 1],
-        if last == 'x' { 'y' } else { 'x' }
-    );
+    let typo = format!("{}{}", &secret[..secret.len() - 1], if last == 'x' { 'y' } else { 'x' });
     for garbage in ["", "hello", "tk_live_short", &typo, &"A".repeat(100_000)] {
         let r = verify(&app, garbage, &[], None).await;
         assert_eq!(code_of(&r), pb::VerifyCode::Malformed);
@@ -619,18 +391,9 @@ async fn verify_answers_every_denial_with_its_code(b: Backend) {
     assert_eq!(code_of(&r), pb::VerifyCode::NotFound);
     assert!(r.key_id.is_empty() && r.organization_id.is_empty() && r.scopes.is_empty());
     let unknown = keys::generate(Environment::Live);
-    assert_eq!(
-        code_of(&verify(&app, unknown.full.expose(), &[], None).await),
-        pb::VerifyCode::NotFound
-    );
+    assert_eq!(code_of(&verify(&app, unknown.full.expose(), &[], None).await), pb::VerifyCode::NotFound);
 
-    let r = verify(
-        &app,
-        &secret,
-        &["fleet.read", "fleet.manage", "billing.manage"],
-        None,
-    )
-    .await;
+    let r = verify(&app, &secret, &["fleet.read", "fleet.manage", "billing.manage"], None).await;
     assert_eq!(code_of(&r), pb::VerifyCode::InsufficientScope);
     assert!(!r.valid);
     assert_eq!(r.missing_scopes, vec!["fleet.manage", "billing.manage"]);
@@ -653,10 +416,7 @@ async fn verify_answers_every_denial_with_its_code(b: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("fleet.fly"));
-    assert!(
-        !err.message().contains(&secret[8..]),
-        "errors never echo a presented key"
-    );
+    assert!(!err.message().contains(&secret[8..]), "errors never echo a presented key");
 }
 
 async fn expired_key_verifies_as_expired(b: Backend) {
@@ -665,11 +425,7 @@ async fn expired_key_verifies_as_expired(b: Backend) {
     // writes one through the library with the server's pepper.
     let hasher = Hasher::new(
         SecretString::new(PEPPER),
-        HashParams {
-            memory_kib: 256,
-            iterations: 1,
-            parallelism: 1,
-        },
+        HashParams { memory_kib: 256, iterations: 1, parallelism: 1 },
         Default::default(),
     )
     .unwrap();
@@ -684,19 +440,12 @@ async fn expired_key_verifies_as_expired(b: Backend) {
             environment: Environment::Live,
             expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
         },
+        &takumo_keys::model::AuditContext::operator("alice"),
     )
     .await
     .unwrap();
-    assert_eq!(
-        code_of(&verify(&app, secret.expose(), &[], None).await),
-        pb::VerifyCode::Expired
-    );
-    let e = app
-        .client
-        .clone()
-        .list_scopes(with_bearer(pb::ListScopesRequest {}, secret.expose()))
-        .await
-        .unwrap_err();
+    assert_eq!(code_of(&verify(&app, secret.expose(), &[], None).await), pb::VerifyCode::Expired);
+    let e = app.client.clone().list_scopes(with_bearer(pb::ListScopesRequest {}, secret.expose())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("expired"));
 }
@@ -706,12 +455,7 @@ async fn verifications_count_in_stats_and_last_used(b: Backend) {
     let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
     let stats = c
-        .get_key_stats(as_service(
-            pb::GetKeyStatsRequest {
-                organization_id: "acme".into(),
-            },
-            "a",
-        ))
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
         .await
         .unwrap()
         .into_inner();
@@ -722,22 +466,13 @@ async fn verifications_count_in_stats_and_last_used(b: Backend) {
     verify(&app, "tk_live_garbage", &[], None).await;
     app.usage.flush().await.unwrap();
     let stats = c
-        .get_key_stats(as_service(
-            pb::GetKeyStatsRequest {
-                organization_id: "acme".into(),
-            },
-            "a",
-        ))
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(stats.api_calls_24h, 7);
     assert!(stats.last_call_at.is_some());
-    let got = c
-        .get_key(as_service(pb::GetKeyRequest { id: key.id }, "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let got = c.get_key(as_service(pb::GetKeyRequest { id: key.id }, "a")).await.unwrap().into_inner();
     assert_eq!(got.last_used_at, stats.last_call_at);
 }
 
@@ -762,23 +497,13 @@ async fn credentials_are_checked_before_anything_else(b: Backend) {
     let e = c.list_scopes(tonic::Request::new(req())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("authorization"));
-    for token in [
-        "not-a-real-token-but-long-enough-000000",
-        "tk_live_bogus",
-        "",
-    ] {
+    for token in ["not-a-real-token-but-long-enough-000000", "tk_live_bogus", ""] {
         let e = c.list_scopes(with_bearer(req(), token)).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{token}");
     }
     let mut r = tonic::Request::new(req());
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Basic {SERVICE_TOKEN}").parse().unwrap(),
-    );
-    assert_eq!(
-        c.list_scopes(r).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
+    r.metadata_mut().insert("authorization", format!("Basic {SERVICE_TOKEN}").parse().unwrap());
+    assert_eq!(c.list_scopes(r).await.unwrap_err().code(), Code::Unauthenticated);
 }
 
 async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backend) {
@@ -789,88 +514,39 @@ async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backen
     let (_, workspace) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
     let (_, reader) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::ReadOnly)).await;
     let (bobs, _) = create_as(&app, "acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
-    let (foreign, foreign_secret) = create_as(
-        &app,
-        "globex",
-        "gina",
-        preset(pb::ScopePreset::Organization),
-    )
-    .await;
+    let (foreign, foreign_secret) = create_as(&app, "globex", "gina", preset(pb::ScopePreset::Organization)).await;
 
     // Reading needs api_keys.read; an empty organization_id means the key's own.
-    let listed = c
-        .list_keys(with_bearer(pb::ListKeysRequest::default(), &reader))
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &reader)).await.unwrap().into_inner();
     assert_eq!(listed.keys.len(), 4);
     let (_, no_read) = create_as(&app, "acme", "alice", custom(&["fleet.read"])).await;
-    let e = c
-        .list_keys(with_bearer(pb::ListKeysRequest::default(), &no_read))
-        .await
-        .unwrap_err();
+    let e = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &no_read)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("api_keys.read"));
     // ListScopes needs authentication only.
-    c.list_scopes(with_bearer(pb::ListScopesRequest {}, &no_read))
-        .await
-        .unwrap();
+    c.list_scopes(with_bearer(pb::ListScopesRequest {}, &no_read)).await.unwrap();
 
     // Another organization is invisible.
+    let e = c.get_key(with_bearer(pb::GetKeyRequest { id: foreign.id.clone() }, &admin)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
     let e = c
-        .get_key(with_bearer(
-            pb::GetKeyRequest {
-                id: foreign.id.clone(),
-            },
-            &admin,
-        ))
+        .list_keys(with_bearer(pb::ListKeysRequest { organization_id: "globex".into(), ..Default::default() }, &admin))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .list_keys(with_bearer(
-            pb::ListKeysRequest {
-                organization_id: "globex".into(),
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await
-        .unwrap_err();
+    let e = c.revoke_key(with_bearer(pb::RevokeKeyRequest { id: foreign.id.clone() }, &admin)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .revoke_key(with_bearer(
-            pb::RevokeKeyRequest {
-                id: foreign.id.clone(),
-            },
-            &admin,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound);
-    assert!(
-        verify(&app, &foreign_secret, &[], None).await.valid,
-        "the foreign key is untouched"
-    );
+    assert!(verify(&app, &foreign_secret, &[], None).await.valid, "the foreign key is untouched");
 
     // Service-only RPCs.
     let e = c
-        .verify_key(with_bearer(
-            pb::VerifyKeyRequest {
-                key: reader.clone(),
-                ..Default::default()
-            },
-            &admin,
-        ))
+        .verify_key(with_bearer(pb::VerifyKeyRequest { key: reader.clone(), ..Default::default() }, &admin))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = c
         .set_organization_plan(with_bearer(
-            pb::SetOrganizationPlanRequest {
-                organization_id: "acme".into(),
-                plan: pb::Plan::Enterprise as i32,
-            },
+            pb::SetOrganizationPlanRequest { organization_id: "acme".into(), plan: pb::Plan::Enterprise as i32 },
             &admin,
         ))
         .await
@@ -879,67 +555,39 @@ async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backen
 
     // No escalation: a workspace key cannot mint an organization key.
     let e = c
-        .create_key(with_bearer(
-            create_req("", "esc", preset(pb::ScopePreset::Organization)),
-            &workspace,
-        ))
+        .create_key(with_bearer(create_req("", "esc", preset(pb::ScopePreset::Organization)), &workspace))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("api_keys.manage_all"));
     let made = c
-        .create_key(with_bearer(
-            create_req("", "sub", preset(pb::ScopePreset::ReadOnly)),
-            &workspace,
-        ))
+        .create_key(with_bearer(create_req("", "sub", preset(pb::ScopePreset::ReadOnly)), &workspace))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        made.key.unwrap().created_by,
-        "alice",
-        "created_by is the member behind the calling key"
-    );
+    assert_eq!(made.key.unwrap().created_by, "alice", "created_by is the member behind the calling key");
 
     // Managing another member's key needs api_keys.manage_all.
-    let e = c
-        .revoke_key(with_bearer(
-            pb::RevokeKeyRequest {
-                id: bobs.id.clone(),
-            },
-            &workspace,
-        ))
-        .await
-        .unwrap_err();
+    let e = c.revoke_key(with_bearer(pb::RevokeKeyRequest { id: bobs.id.clone() }, &workspace)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     c.set_key_status(with_bearer(
-        pb::SetKeyStatusRequest {
-            id: bobs.id.clone(),
-            status: pb::KeyStatus::Disabled as i32,
-        },
+        pb::SetKeyStatusRequest { id: bobs.id.clone(), status: pb::KeyStatus::Disabled as i32 },
         &admin,
     ))
     .await
     .unwrap();
 
     // A disabled key is refused at once, and cannot re-enable itself.
-    let (me, me_secret) =
-        create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
+    let (me, me_secret) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
     c.set_key_status(with_bearer(
-        pb::SetKeyStatusRequest {
-            id: me.id.clone(),
-            status: pb::KeyStatus::Disabled as i32,
-        },
+        pb::SetKeyStatusRequest { id: me.id.clone(), status: pb::KeyStatus::Disabled as i32 },
         &me_secret,
     ))
     .await
     .unwrap();
     let e = c
         .set_key_status(with_bearer(
-            pb::SetKeyStatusRequest {
-                id: me.id.clone(),
-                status: pb::KeyStatus::Active as i32,
-            },
+            pb::SetKeyStatusRequest { id: me.id.clone(), status: pb::KeyStatus::Active as i32 },
             &me_secret,
         ))
         .await
@@ -951,34 +599,22 @@ async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backen
 async fn set_organization_plan_reports_the_limit(b: Backend) {
     let app = TestApp::spawn(b).await;
     let mut c = app.client.clone();
-    for (plan, limit) in [
-        (pb::Plan::Free, 3),
-        (pb::Plan::Developer, 10),
-        (pb::Plan::Pro, 20),
-        (pb::Plan::Enterprise, 0),
-    ] {
+    for (plan, limit) in
+        [(pb::Plan::Free, 3), (pb::Plan::Developer, 10), (pb::Plan::Pro, 20), (pb::Plan::Enterprise, 0)]
+    {
         let org = c
             .set_organization_plan(as_service(
-                pb::SetOrganizationPlanRequest {
-                    organization_id: "acme".into(),
-                    plan: plan as i32,
-                },
+                pb::SetOrganizationPlanRequest { organization_id: "acme".into(), plan: plan as i32 },
                 "b",
             ))
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(
-            (org.id.as_str(), org.plan(), org.key_limit),
-            ("acme", plan, limit)
-        );
+        assert_eq!((org.id.as_str(), org.plan(), org.key_limit), ("acme", plan, limit));
     }
     let e = c
         .set_organization_plan(as_service(
-            pb::SetOrganizationPlanRequest {
-                organization_id: "acme".into(),
-                plan: 0,
-            },
+            pb::SetOrganizationPlanRequest { organization_id: "acme".into(), plan: 0 },
             "b",
         ))
         .await
@@ -989,24 +625,12 @@ async fn set_organization_plan_reports_the_limit(b: Backend) {
 async fn health_and_reflection_need_no_credentials(b: Backend) {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let app = TestApp::spawn(b).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "takumo.apikeys.v1.ApiKeyService"] {
-        let r = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status(),
-            tonic_health::pb::health_check_response::ServingStatus::Serving
-        );
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
     }
     use tonic_reflection::pb::v1alpha::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -1017,30 +641,19 @@ async fn health_and_reflection_need_no_credentials(b: Backend) {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = refl
-        .server_reflection_info(futures::stream::iter(vec![req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = refl.server_reflection_info(futures::stream::iter(vec![req])).await.unwrap().into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("no list")
-    };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no list") };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"takumo.apikeys.v1.ApiKeyService".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
-    );
+    assert!(names.contains(&"takumo.apikeys.v1.ApiKeyService".to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
 
 async fn secrets_are_stored_only_as_peppered_argon2id_hashes(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
-    let (_, phc) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
+    let (_, stored) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
+    let phc = stored.phc;
     assert!(phc.starts_with("$argon2id$"));
     assert!(!phc.contains(&secret[24..56]) && !phc.contains(PEPPER));
 }

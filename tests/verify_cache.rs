@@ -15,11 +15,7 @@ use takumo_keys::{
     proto::pb::{self, create_key_request::Scopes},
 };
 
-async fn create(
-    app: &TestApp,
-    org: &str,
-    expires_at: Option<prost_types::Timestamp>,
-) -> (pb::ApiKey, String) {
+async fn create(app: &TestApp, org: &str, expires_at: Option<prost_types::Timestamp>) -> (pb::ApiKey, String) {
     let r = app
         .client
         .clone()
@@ -42,13 +38,7 @@ async fn create(
 async fn verify(app: &TestApp, key: &str) -> pb::VerifyCode {
     app.client
         .clone()
-        .verify_key(as_service(
-            pb::VerifyKeyRequest {
-                key: key.into(),
-                ..Default::default()
-            },
-            "svc",
-        ))
+        .verify_key(as_service(pb::VerifyKeyRequest { key: key.into(), ..Default::default() }, "svc"))
         .await
         .unwrap()
         .into_inner()
@@ -63,10 +53,7 @@ async fn eventually(app: &TestApp, key: &str, want: pb::VerifyCode) -> Duration 
         if got == want {
             return start.elapsed();
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "still {got:?}, want {want:?} after 5 s"
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "still {got:?}, want {want:?} after 5 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -92,11 +79,7 @@ async fn warm_verifications_read_nothing_from_the_store(b: Backend) {
     assert!(Metrics::get(&app.metrics.cache_hits) >= 100);
     // Each cached verification still counts as a call.
     app.usage.flush().await.unwrap();
-    let stats = app
-        .store
-        .key_stats("acme", chrono::Utc::now())
-        .await
-        .unwrap();
+    let stats = app.store.key_stats("acme", chrono::Utc::now()).await.unwrap();
     assert_eq!(stats.api_calls_24h, 101);
 }
 
@@ -107,25 +90,11 @@ async fn repeated_bad_keys_cost_no_database_or_argon2_work(b: Backend) {
     let unknown = keys::generate(Environment::Live);
     for _ in 0..3 {
         assert_eq!(verify(&app, wrong.expose()).await, pb::VerifyCode::NotFound);
-        assert_eq!(
-            verify(&app, unknown.full.expose()).await,
-            pb::VerifyCode::NotFound
-        );
-        assert_eq!(
-            verify(&app, "tk_live_garbage").await,
-            pb::VerifyCode::Malformed
-        );
+        assert_eq!(verify(&app, unknown.full.expose()).await, pb::VerifyCode::NotFound);
+        assert_eq!(verify(&app, "tk_live_garbage").await, pb::VerifyCode::Malformed);
     }
-    assert_eq!(
-        Metrics::get(&app.metrics.argon2_verifications),
-        1,
-        "one argon2 for the wrong secret"
-    );
-    assert_eq!(
-        Metrics::get(&app.metrics.store_key_reads),
-        2,
-        "one lookup per distinct key"
-    );
+    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1, "one argon2 for the wrong secret");
+    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 2, "one lookup per distinct key");
     assert_eq!(Metrics::get(&app.metrics.negative_hits), 4);
 }
 
@@ -135,92 +104,52 @@ async fn local_changes_take_effect_at_once(b: Backend) {
     let mut c = app.client.clone();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
     c.set_key_status(as_service(
-        pb::SetKeyStatusRequest {
-            id: key.id.clone(),
-            status: pb::KeyStatus::Disabled as i32,
-        },
+        pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
         "alice",
     ))
     .await
     .unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
-    c.revoke_key(as_service(
-        pb::RevokeKeyRequest { id: key.id.clone() },
-        "alice",
-    ))
-    .await
-    .unwrap();
+    c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Revoked);
-    c.delete_key(as_service(
-        pb::DeleteKeyRequest { id: key.id.clone() },
-        "alice",
-    ))
-    .await
-    .unwrap();
+    c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::NotFound);
 }
 
 async fn expired_keys_are_refused_from_cache(b: Backend) {
     let app = TestApp::spawn(b).await;
     let soon = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
-    let ts = prost_types::Timestamp {
-        seconds: soon.timestamp(),
-        nanos: soon.timestamp_subsec_nanos() as i32,
-    };
+    let ts = prost_types::Timestamp { seconds: soon.timestamp(), nanos: soon.timestamp_subsec_nanos() as i32 };
     let (_, secret) = create(&app, "acme", Some(ts)).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
     let reads = Metrics::get(&app.metrics.store_key_reads);
     eventually(&app, &secret, pb::VerifyCode::Expired).await;
-    assert_eq!(
-        Metrics::get(&app.metrics.store_key_reads),
-        reads,
-        "expiry is checked on the cached entry"
-    );
+    assert_eq!(Metrics::get(&app.metrics.store_key_reads), reads, "expiry is checked on the cached entry");
 }
 
 async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
     let (a, b) = two_replicas().await;
     let (key, secret) = create(&a, "acme", None).await;
     assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid);
-    assert_eq!(
-        verify(&b, &secret).await,
-        pb::VerifyCode::Valid,
-        "now cached on b"
-    );
+    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid, "now cached on b");
     let mut c = a.client.clone();
     c.set_key_status(as_service(
-        pb::SetKeyStatusRequest {
-            id: key.id.clone(),
-            status: pb::KeyStatus::Disabled as i32,
-        },
+        pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
         "alice",
     ))
     .await
     .unwrap();
     eventually(&b, &secret, pb::VerifyCode::Disabled).await;
     c.set_key_status(as_service(
-        pb::SetKeyStatusRequest {
-            id: key.id.clone(),
-            status: pb::KeyStatus::Active as i32,
-        },
+        pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Active as i32 },
         "alice",
     ))
     .await
     .unwrap();
     eventually(&b, &secret, pb::VerifyCode::Valid).await;
-    c.revoke_key(as_service(
-        pb::RevokeKeyRequest { id: key.id.clone() },
-        "alice",
-    ))
-    .await
-    .unwrap();
+    c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     eventually(&b, &secret, pb::VerifyCode::Revoked).await;
-    c.delete_key(as_service(
-        pb::DeleteKeyRequest { id: key.id.clone() },
-        "alice",
-    ))
-    .await
-    .unwrap();
+    c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     eventually(&b, &secret, pb::VerifyCode::NotFound).await;
     assert!(Metrics::get(&b.metrics.invalidations) >= 4);
 }
@@ -231,16 +160,8 @@ async fn a_change_missed_while_the_listener_was_cut_is_not_trusted() {
     assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid);
     let pool = sqlx::PgPool::connect(&a.db.url).await.unwrap();
     // A change whose notice never arrives: written behind the service's back.
-    sqlx::query("UPDATE api_keys SET status = 'disabled' WHERE id = $1")
-        .bind(&key.id)
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        verify(&b, &secret).await,
-        pb::VerifyCode::Valid,
-        "b still trusts its cache"
-    );
+    sqlx::query("UPDATE api_keys SET status = 'disabled' WHERE id = $1").bind(&key.id).execute(&pool).await.unwrap();
+    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid, "b still trusts its cache");
     // Cut every listener connection (both replicas'); they reconnect by themselves.
     let cut: Vec<i32> = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
@@ -250,11 +171,7 @@ async fn a_change_missed_while_the_listener_was_cut_is_not_trusted() {
     .unwrap();
     assert_eq!(cut.len(), 2, "one listener per replica");
     for pid in cut {
-        sqlx::query("SELECT pg_terminate_backend($1)")
-            .bind(pid)
-            .execute(&pool)
-            .await
-            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&pool).await.unwrap();
     }
     eventually(&b, &secret, pb::VerifyCode::Disabled).await;
     pool.close().await;
@@ -277,14 +194,7 @@ async fn usage_from_two_replicas_adds_up() {
     }
     let store = a.store.clone();
     b.shutdown().await;
-    assert_eq!(
-        store
-            .key_stats("acme", chrono::Utc::now())
-            .await
-            .unwrap()
-            .api_calls_24h,
-        34
-    );
+    assert_eq!(store.key_stats("acme", chrono::Utc::now()).await.unwrap().api_calls_24h, 34);
 }
 
 for_each_backend!(

@@ -15,7 +15,8 @@ pub use sqlite::SqliteStore;
 use crate::{
     error::{Error, Result},
     model::{
-        ApiKey, Cursor, KeyStats, KeyStatus, ListFilter, NewKey, Organization, Plan, UsageDelta,
+        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, ListFilter, NewKey,
+        Organization, Plan, StoredHash, UsageDelta,
     },
 };
 use async_trait::async_trait;
@@ -34,12 +35,12 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts `key` if its organization's plan allows one more counted key,
     /// creating the organization (on Free) at first sight. The count and the
     /// insert are one serialized step, so concurrent creates never overshoot.
-    async fn create_key(&self, key: NewKey) -> Result<ApiKey>;
+    async fn create_key(&self, key: NewKey, audit: &AuditContext) -> Result<ApiKey>;
 
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>>;
 
-    /// The key with its PHC hash, for verification only.
-    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, String)>>;
+    /// The key with its hash, for verification only.
+    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>>;
 
     /// Newest first: `(created_at, id)` descending, strictly after `after`.
     async fn list_keys(
@@ -51,18 +52,28 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<ApiKey>>;
 
     /// Sets ACTIVE or DISABLED. A revoked key is `FailedPrecondition`.
-    async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>>;
+    async fn set_status(&self, id: &str, status: KeyStatus, audit: &AuditContext) -> Result<Option<ApiKey>>;
 
     /// Moves the key to REVOKED (terminal). Revoking twice is not an error.
-    async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>>;
+    async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>>;
 
     /// Removes the key row. `false` when there was none.
-    async fn delete_key(&self, id: &str) -> Result<bool>;
+    async fn delete_key(&self, id: &str, audit: &AuditContext) -> Result<bool>;
 
     /// The organization, or a Free one if it has never been seen.
     async fn get_organization(&self, id: &str) -> Result<Organization>;
 
-    async fn set_plan(&self, id: &str, plan: Plan) -> Result<Organization>;
+    async fn set_plan(&self, id: &str, plan: Plan, audit: &AuditContext) -> Result<Organization>;
+
+    /// Audit events of an organization, newest first, strictly older than
+    /// `before_id`. Every mutation above appends one in its own transaction.
+    async fn list_audit_events(
+        &self,
+        organization_id: &str,
+        filter: &AuditFilter,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>>;
 
     async fn key_stats(&self, organization_id: &str, now: DateTime<Utc>) -> Result<KeyStats>;
 
@@ -104,11 +115,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self {
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(5),
-            statement_timeout: Duration::from_secs(5),
-        }
+        Self { max_connections: 16, acquire_timeout: Duration::from_secs(5), statement_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -177,4 +184,84 @@ pub(crate) fn merge_usage(batch: &[UsageDelta]) -> Vec<UsageDelta> {
         }
     }
     merged
+}
+
+/// One audit event to append, borrowed from the change it records.
+pub(crate) struct AuditRecord<'a> {
+    pub organization_id: &'a str,
+    pub action: AuditAction,
+    pub key_id: Option<&'a str>,
+    pub key_prefix: Option<&'a str>,
+    pub status_before: Option<KeyStatus>,
+    pub status_after: Option<KeyStatus>,
+    pub detail: Option<String>,
+    pub ctx: &'a AuditContext,
+}
+
+impl<'a> AuditRecord<'a> {
+    pub fn for_key(
+        action: AuditAction,
+        key: &'a ApiKey,
+        status_before: Option<KeyStatus>,
+        status_after: Option<KeyStatus>,
+        ctx: &'a AuditContext,
+    ) -> Self {
+        Self {
+            organization_id: &key.organization_id,
+            action,
+            key_id: Some(&key.id),
+            key_prefix: Some(&key.prefix),
+            status_before,
+            status_after,
+            detail: None,
+            ctx,
+        }
+    }
+
+    pub fn for_plan(organization_id: &'a str, before: Plan, after: Plan, ctx: &'a AuditContext) -> Self {
+        Self {
+            organization_id,
+            action: AuditAction::PlanChanged,
+            key_id: None,
+            key_prefix: None,
+            status_before: None,
+            status_after: None,
+            detail: Some(format!("plan {} -> {}", before.as_str(), after.as_str())),
+            ctx,
+        }
+    }
+
+    /// Builds an event from a row; `text` reads a text column by name.
+    pub fn event_from(
+        id: i64,
+        occurred_at: DateTime<Utc>,
+        text: impl Fn(&str) -> Result<Option<String>>,
+    ) -> Result<AuditEvent> {
+        let required = |c: &str| text(c)?.ok_or_else(|| Error::internal(anyhow::anyhow!("audit column {c} is null")));
+        let status = |c: &str| -> Result<Option<KeyStatus>> {
+            text(c)?
+                .map(|s| {
+                    KeyStatus::parse(&s)
+                        .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown status {s:?} in audit log")))
+                })
+                .transpose()
+        };
+        let action = required("action")?;
+        Ok(AuditEvent {
+            id,
+            occurred_at,
+            organization_id: required("organization_id")?,
+            actor: required("actor")?,
+            principal: required("principal")?,
+            action: AuditAction::parse(&action)
+                .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown action {action:?} in audit log")))?,
+            key_id: text("key_id")?,
+            key_prefix: text("key_prefix")?,
+            status_before: status("status_before")?,
+            status_after: status("status_after")?,
+            request_id: required("request_id")?,
+            peer: text("peer")?,
+            detail: text("detail")?,
+        })
+    }
 }

@@ -1,11 +1,11 @@
 //! PostgreSQL backend: the production store, shared by every replica.
 
-use super::{ChangeSink, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{AuditRecord, ChangeSink, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
 use crate::{
     error::{Error, Result},
     model::{
-        ApiKey, Cursor, Environment, KeyStats, KeyStatus, ListFilter, NewKey, Organization, Plan,
-        UsageDelta,
+        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
+        ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
 };
 use async_trait::async_trait;
@@ -38,10 +38,7 @@ impl PostgresStore {
         let conn = PgConnectOptions::from_str(dsn)
             .map_err(|_| Error::invalid("DATABASE_URL is not a valid postgres:// URL"))?
             .application_name("takumo-keys")
-            .options([(
-                "statement_timeout",
-                format!("{}", opts.statement_timeout.as_millis()),
-            )]);
+            .options([("statement_timeout", format!("{}", opts.statement_timeout.as_millis()))]);
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
@@ -67,17 +64,15 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey> {
         organization_id: row.try_get("organization_id").map_err(db_error)?,
         name: row.try_get("name").map_err(db_error)?,
         prefix: row.try_get("prefix").map_err(db_error)?,
-        status: KeyStatus::parse(&status).ok_or_else(|| {
-            Error::internal(anyhow::anyhow!("unknown status {status:?} in store"))
-        })?,
+        status: KeyStatus::parse(&status)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown status {status:?} in store")))?,
         scopes: row.try_get("scopes").map_err(db_error)?,
         created_by: row.try_get("created_by").map_err(db_error)?,
         created_at: row.try_get("created_at").map_err(db_error)?,
         last_used_at: row.try_get("last_used_at").map_err(db_error)?,
         expires_at: row.try_get("expires_at").map_err(db_error)?,
-        environment: Environment::parse(&env).ok_or_else(|| {
-            Error::internal(anyhow::anyhow!("unknown environment {env:?} in store"))
-        })?,
+        environment: Environment::parse(&env)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown environment {env:?} in store")))?,
     })
 }
 
@@ -92,29 +87,13 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error)?;
         Ok(())
     }
 
-    async fn create_key(&self, key: NewKey) -> Result<ApiKey> {
+    async fn create_key(&self, key: NewKey, audit: &AuditContext) -> Result<ApiKey> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        sqlx::query("INSERT INTO organizations (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-            .bind(&key.organization_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        // The row lock serializes creates per organization: the count below
-        // cannot change until this transaction ends.
-        let plan: String =
-            sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1 FOR UPDATE")
-                .bind(&key.organization_id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        let plan = plan_from(&plan)?;
+        let plan = lock_organization(&mut tx, &key.organization_id).await?;
         if let Some(limit) = plan.key_limit() {
             let counted: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND status IN ('active', 'disabled')",
@@ -129,10 +108,9 @@ impl Store for PostgresStore {
         }
         let row = sqlx::query(concat!(
             "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
-             created_at, expires_at, environment, secret_hash) \
-             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10) RETURNING ",
-            key_columns!(),
-            ""
+             created_at, expires_at, environment, secret_hash, pepper_id) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11) RETURNING ",
+            key_columns!()
         ))
         .bind(&key.id)
         .bind(&key.organization_id)
@@ -143,7 +121,8 @@ impl Store for PostgresStore {
         .bind(key.created_at)
         .bind(key.expires_at)
         .bind(key.environment.as_str())
-        .bind(&key.secret_hash)
+        .bind(&key.secret_hash.phc)
+        .bind(&key.secret_hash.pepper_id)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match e {
@@ -152,46 +131,42 @@ impl Store for PostgresStore {
             }
             e => db_error(e),
         })?;
-        sqlx::query(
-            "UPDATE organizations SET keys_created = keys_created + 1, updated_at = now() WHERE id = $1",
-        )
-        .bind(&key.organization_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = now() WHERE id = $1")
+            .bind(&key.organization_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         let created = key_from_row(&row)?;
+        let action = if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated };
+        append_audit(&mut tx, &AuditRecord::for_key(action, &created, None, Some(KeyStatus::Active), audit)).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(created)
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
+        let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
         row.as_ref().map(key_from_row).transpose()
     }
 
-    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, String)>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", secret_hash FROM api_keys WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
+    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>> {
+        let row =
+            sqlx::query(concat!("SELECT ", key_columns!(), ", secret_hash, pepper_id FROM api_keys WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
         match row {
             None => Ok(None),
             Some(r) => Ok(Some((
                 key_from_row(&r)?,
-                r.try_get("secret_hash").map_err(db_error)?,
+                StoredHash {
+                    phc: r.try_get("secret_hash").map_err(db_error)?,
+                    pepper_id: r.try_get("pepper_id").map_err(db_error)?,
+                },
             ))),
         }
     }
@@ -225,99 +200,126 @@ impl Store for PostgresStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>> {
+    async fn set_status(&self, id: &str, status: KeyStatus, audit: &AuditContext) -> Result<Option<ApiKey>> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let Some(before) = lock_key(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if before.status == KeyStatus::Revoked {
+            return Err(revoked_precondition(id));
+        }
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET status = $2, updated_at = now() \
-             WHERE id = $1 AND status <> 'revoked' RETURNING ",
+            "UPDATE api_keys SET status = $2, updated_at = now() WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
         .bind(status.as_str())
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
-        match row {
-            Some(r) => {
-                let key = key_from_row(&r)?;
-                notify_change(&mut tx, id).await?;
-                tx.commit().await.map_err(db_error)?;
-                Ok(Some(key))
-            }
-            None => {
-                drop(tx);
-                match self.get_key(id).await? {
-                    Some(_) => Err(revoked_precondition(id)),
-                    None => Ok(None),
-                }
-            }
-        }
+        let key = key_from_row(&row)?;
+        let record =
+            AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
+        append_audit(&mut tx, &record).await?;
+        notify_change(&mut tx, id).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(key))
     }
 
-    async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
+    async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let Some(before) = lock_key(&mut tx, id).await? else {
+            return Ok(None);
+        };
         let row = sqlx::query(concat!(
             "UPDATE api_keys SET status = 'revoked', updated_at = now() WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
-        let key = row.as_ref().map(key_from_row).transpose()?;
-        if key.is_some() {
-            notify_change(&mut tx, id).await?;
-        }
+        let key = key_from_row(&row)?;
+        let record =
+            AuditRecord::for_key(AuditAction::KeyRevoked, &key, Some(before.status), Some(KeyStatus::Revoked), audit);
+        append_audit(&mut tx, &record).await?;
+        notify_change(&mut tx, id).await?;
         tx.commit().await.map_err(db_error)?;
-        Ok(key)
+        Ok(Some(key))
     }
 
-    async fn delete_key(&self, id: &str) -> Result<bool> {
+    async fn delete_key(&self, id: &str, audit: &AuditContext) -> Result<bool> {
         let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let done = sqlx::query("DELETE FROM api_keys WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let deleted = done.rows_affected() > 0;
-        if deleted {
-            notify_change(&mut tx, id).await?;
-        }
+        let Some(before) = lock_key(&mut tx, id).await? else {
+            return Ok(false);
+        };
+        sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(db_error)?;
+        let record = AuditRecord::for_key(AuditAction::KeyDeleted, &before, Some(before.status), None, audit);
+        append_audit(&mut tx, &record).await?;
+        notify_change(&mut tx, id).await?;
         tx.commit().await.map_err(db_error)?;
-        Ok(deleted)
+        Ok(true)
     }
 
     async fn get_organization(&self, id: &str) -> Result<Organization> {
-        let plan: Option<String> =
-            sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?;
-        Ok(Organization {
-            id: id.to_owned(),
-            plan: plan
-                .as_deref()
-                .map(plan_from)
-                .transpose()?
-                .unwrap_or_default(),
-        })
+        let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(Organization { id: id.to_owned(), plan: plan.as_deref().map(plan_from).transpose()?.unwrap_or_default() })
     }
 
-    async fn set_plan(&self, id: &str, plan: Plan) -> Result<Organization> {
-        sqlx::query(
-            "INSERT INTO organizations (id, plan) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET plan = EXCLUDED.plan, updated_at = now()",
+    async fn set_plan(&self, id: &str, plan: Plan, audit: &AuditContext) -> Result<Organization> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let before = lock_organization(&mut tx, id).await?;
+        sqlx::query("UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(plan.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        append_audit(&mut tx, &AuditRecord::for_plan(id, before, plan, audit)).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Organization { id: id.to_owned(), plan })
+    }
+
+    async fn list_audit_events(
+        &self,
+        organization_id: &str,
+        filter: &AuditFilter,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, occurred_at, organization_id, actor, principal, action, key_id, key_prefix, \
+               status_before, status_after, request_id, peer, detail \
+             FROM audit_events \
+             WHERE organization_id = $1 \
+               AND ($2::timestamptz IS NULL OR occurred_at >= $2) \
+               AND ($3::timestamptz IS NULL OR occurred_at < $3) \
+               AND ($4::text IS NULL OR action = $4) \
+               AND ($5::bigint IS NULL OR id < $5) \
+             ORDER BY id DESC LIMIT $6",
         )
-        .bind(id)
-        .bind(plan.as_str())
-        .execute(&self.pool)
+        .bind(organization_id)
+        .bind(filter.since)
+        .bind(filter.until)
+        .bind(filter.action.map(AuditAction::as_str))
+        .bind(before_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        Ok(Organization {
-            id: id.to_owned(),
-            plan,
-        })
+        rows.iter()
+            .map(|r| {
+                AuditRecord::event_from(
+                    r.try_get("id").map_err(db_error)?,
+                    r.try_get("occurred_at").map_err(db_error)?,
+                    |c| r.try_get::<Option<String>, _>(c).map_err(db_error),
+                )
+            })
+            .collect()
     }
 
     async fn key_stats(&self, organization_id: &str, now: DateTime<Utc>) -> Result<KeyStats> {
@@ -466,14 +468,59 @@ pub const CHANGE_CHANNEL: &str = "takumo_keys_changed";
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Creates the organization (on Free) at first sight and locks its row:
+/// creates and plan changes of one organization run one at a time, so the
+/// count of keys cannot change between the limit check and the insert.
+async fn lock_organization(tx: &mut sqlx::PgConnection, id: &str) -> Result<Plan> {
+    sqlx::query("INSERT INTO organizations (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    plan_from(&plan)
+}
+
+/// Reads and locks a key row, for a change that must know what it replaced.
+async fn lock_key(tx: &mut sqlx::PgConnection, id: &str) -> Result<Option<ApiKey>> {
+    let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(tx)
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(key_from_row).transpose()
+}
+
+async fn append_audit(tx: &mut sqlx::PgConnection, r: &AuditRecord<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (occurred_at, organization_id, actor, principal, action, key_id, \
+           key_prefix, status_before, status_after, request_id, peer, detail) \
+         VALUES (now(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(r.organization_id)
+    .bind(&r.ctx.actor)
+    .bind(&r.ctx.principal)
+    .bind(r.action.as_str())
+    .bind(r.key_id)
+    .bind(r.key_prefix)
+    .bind(r.status_before.map(KeyStatus::as_str))
+    .bind(r.status_after.map(KeyStatus::as_str))
+    .bind(&r.ctx.request_id)
+    .bind(r.ctx.peer.as_deref())
+    .bind(r.detail.as_deref())
+    .execute(tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 /// Queues a change notice in `tx`: PostgreSQL delivers it on commit only,
 /// so replicas hear of exactly the changes that happened.
 async fn notify_change(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANGE_CHANNEL)
-        .bind(id)
-        .execute(tx)
-        .await
-        .map_err(db_error)?;
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(id).execute(tx).await.map_err(db_error)?;
     Ok(())
 }

@@ -2,21 +2,19 @@
 //! no setup. One process owns the file; writes that must be serialized (the
 //! plan-limit check) take SQLite's write lock up front with `BEGIN IMMEDIATE`.
 
-use super::{Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{AuditRecord, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
 use crate::{
     error::{Error, Result},
     model::{
-        ApiKey, Cursor, Environment, KeyStats, KeyStatus, ListFilter, NewKey, Organization, Plan,
-        UsageDelta,
+        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
+        ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use sqlx::{
     Row, SqlitePool,
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-    },
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
 };
 use std::{path::PathBuf, str::FromStr, time::Duration};
 
@@ -102,17 +100,15 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
         organization_id: row.try_get("organization_id").map_err(db_error)?,
         name: row.try_get("name").map_err(db_error)?,
         prefix: row.try_get("prefix").map_err(db_error)?,
-        status: KeyStatus::parse(&status).ok_or_else(|| {
-            Error::internal(anyhow::anyhow!("unknown status {status:?} in store"))
-        })?,
+        status: KeyStatus::parse(&status)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown status {status:?} in store")))?,
         scopes: scopes.split_whitespace().map(str::to_owned).collect(),
         created_by: row.try_get("created_by").map_err(db_error)?,
         created_at: from_micros(row.try_get("created_at").map_err(db_error)?)?,
         last_used_at: opt_from_micros(row.try_get("last_used_at").map_err(db_error)?)?,
         expires_at: opt_from_micros(row.try_get("expires_at").map_err(db_error)?)?,
-        environment: Environment::parse(&env).ok_or_else(|| {
-            Error::internal(anyhow::anyhow!("unknown environment {env:?} in store"))
-        })?,
+        environment: Environment::parse(&env)
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown environment {env:?} in store")))?,
     })
 }
 
@@ -127,36 +123,16 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error)?;
         Ok(())
     }
 
-    async fn create_key(&self, key: NewKey) -> Result<ApiKey> {
+    async fn create_key(&self, key: NewKey, audit: &AuditContext) -> Result<ApiKey> {
         // IMMEDIATE takes the write lock now, so the count and the insert
         // below see no concurrent create in between.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         let now = now_micros();
-        sqlx::query(
-            "INSERT INTO organizations (id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&key.organization_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
-            .bind(&key.organization_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-        let plan = plan_from(&plan)?;
+        let plan = ensure_organization(&mut tx, &key.organization_id, now).await?;
         if let Some(limit) = plan.key_limit() {
             let counted: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM api_keys WHERE organization_id = ?1 AND status IN ('active', 'disabled')",
@@ -171,10 +147,9 @@ impl Store for SqliteStore {
         }
         let row = sqlx::query(concat!(
             "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
-             created_at, expires_at, environment, secret_hash, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING ",
-            key_columns!(),
-            ""
+             created_at, expires_at, environment, secret_hash, pepper_id, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING ",
+            key_columns!()
         ))
         .bind(&key.id)
         .bind(&key.organization_id)
@@ -185,7 +160,8 @@ impl Store for SqliteStore {
         .bind(micros(key.created_at))
         .bind(key.expires_at.map(micros))
         .bind(key.environment.as_str())
-        .bind(&key.secret_hash)
+        .bind(&key.secret_hash.phc)
+        .bind(&key.secret_hash.pepper_id)
         .bind(now)
         .fetch_one(&mut *tx)
         .await
@@ -202,38 +178,37 @@ impl Store for SqliteStore {
             .await
             .map_err(db_error)?;
         let created = key_from_row(&row)?;
+        let action = if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated };
+        append_audit(&mut tx, &AuditRecord::for_key(action, &created, None, Some(KeyStatus::Active), audit), now)
+            .await?;
         tx.commit().await.map_err(db_error)?;
         Ok(created)
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE id = ?1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
+        let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = ?1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
         row.as_ref().map(key_from_row).transpose()
     }
 
-    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, String)>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", secret_hash FROM api_keys WHERE id = ?1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
+    async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>> {
+        let row =
+            sqlx::query(concat!("SELECT ", key_columns!(), ", secret_hash, pepper_id FROM api_keys WHERE id = ?1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
         match row {
             None => Ok(None),
             Some(r) => Ok(Some((
                 key_from_row(&r)?,
-                r.try_get("secret_hash").map_err(db_error)?,
+                StoredHash {
+                    phc: r.try_get("secret_hash").map_err(db_error)?,
+                    pepper_id: r.try_get("pepper_id").map_err(db_error)?,
+                },
             ))),
         }
     }
@@ -267,83 +242,129 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn set_status(&self, id: &str, status: KeyStatus) -> Result<Option<ApiKey>> {
+    async fn set_status(&self, id: &str, status: KeyStatus, audit: &AuditContext) -> Result<Option<ApiKey>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let Some(before) = read_key(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if before.status == KeyStatus::Revoked {
+            return Err(revoked_precondition(id));
+        }
+        let now = now_micros();
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET status = ?2, updated_at = ?3 \
-             WHERE id = ?1 AND status <> 'revoked' RETURNING ",
-            key_columns!(),
-            ""
+            "UPDATE api_keys SET status = ?2, updated_at = ?3 WHERE id = ?1 RETURNING ",
+            key_columns!()
         ))
         .bind(id)
         .bind(status.as_str())
-        .bind(now_micros())
-        .fetch_optional(&self.pool)
+        .bind(now)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
-        match row {
-            Some(r) => key_from_row(&r).map(Some),
-            None => match self.get_key(id).await? {
-                Some(_) => Err(revoked_precondition(id)),
-                None => Ok(None),
-            },
-        }
+        let key = key_from_row(&row)?;
+        let record =
+            AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
+        append_audit(&mut tx, &record, now).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(key))
     }
 
-    async fn revoke_key(&self, id: &str) -> Result<Option<ApiKey>> {
+    async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let Some(before) = read_key(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let now = now_micros();
         let row = sqlx::query(concat!(
             "UPDATE api_keys SET status = 'revoked', updated_at = ?2 WHERE id = ?1 RETURNING ",
-            key_columns!(),
-            ""
+            key_columns!()
         ))
         .bind(id)
-        .bind(now_micros())
-        .fetch_optional(&self.pool)
+        .bind(now)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db_error)?;
-        row.as_ref().map(key_from_row).transpose()
+        let key = key_from_row(&row)?;
+        let record =
+            AuditRecord::for_key(AuditAction::KeyRevoked, &key, Some(before.status), Some(KeyStatus::Revoked), audit);
+        append_audit(&mut tx, &record, now).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(key))
     }
 
-    async fn delete_key(&self, id: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM api_keys WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
-        Ok(done.rows_affected() > 0)
+    async fn delete_key(&self, id: &str, audit: &AuditContext) -> Result<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let Some(before) = read_key(&mut tx, id).await? else {
+            return Ok(false);
+        };
+        sqlx::query("DELETE FROM api_keys WHERE id = ?1").bind(id).execute(&mut *tx).await.map_err(db_error)?;
+        let record = AuditRecord::for_key(AuditAction::KeyDeleted, &before, Some(before.status), None, audit);
+        append_audit(&mut tx, &record, now_micros()).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
     }
 
     async fn get_organization(&self, id: &str) -> Result<Organization> {
-        let plan: Option<String> =
-            sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?;
-        Ok(Organization {
-            id: id.to_owned(),
-            plan: plan
-                .as_deref()
-                .map(plan_from)
-                .transpose()?
-                .unwrap_or_default(),
-        })
+        let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(Organization { id: id.to_owned(), plan: plan.as_deref().map(plan_from).transpose()?.unwrap_or_default() })
     }
 
-    async fn set_plan(&self, id: &str, plan: Plan) -> Result<Organization> {
-        sqlx::query(
-            "INSERT INTO organizations (id, plan, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) \
-             ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, updated_at = excluded.updated_at",
+    async fn set_plan(&self, id: &str, plan: Plan, audit: &AuditContext) -> Result<Organization> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let now = now_micros();
+        let before = ensure_organization(&mut tx, id, now).await?;
+        sqlx::query("UPDATE organizations SET plan = ?2, updated_at = ?3 WHERE id = ?1")
+            .bind(id)
+            .bind(plan.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        append_audit(&mut tx, &AuditRecord::for_plan(id, before, plan, audit), now).await?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Organization { id: id.to_owned(), plan })
+    }
+
+    async fn list_audit_events(
+        &self,
+        organization_id: &str,
+        filter: &AuditFilter,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, occurred_at, organization_id, actor, principal, action, key_id, key_prefix, \
+               status_before, status_after, request_id, peer, detail \
+             FROM audit_events \
+             WHERE organization_id = ?1 \
+               AND (?2 IS NULL OR occurred_at >= ?2) \
+               AND (?3 IS NULL OR occurred_at < ?3) \
+               AND (?4 IS NULL OR action = ?4) \
+               AND (?5 IS NULL OR id < ?5) \
+             ORDER BY id DESC LIMIT ?6",
         )
-        .bind(id)
-        .bind(plan.as_str())
-        .bind(now_micros())
-        .execute(&self.pool)
+        .bind(organization_id)
+        .bind(filter.since.map(micros))
+        .bind(filter.until.map(micros))
+        .bind(filter.action.map(AuditAction::as_str))
+        .bind(before_id)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
-        Ok(Organization {
-            id: id.to_owned(),
-            plan,
-        })
+        rows.iter()
+            .map(|r| {
+                AuditRecord::event_from(
+                    r.try_get("id").map_err(db_error)?,
+                    from_micros(r.try_get("occurred_at").map_err(db_error)?)?,
+                    |c| r.try_get::<Option<String>, _>(c).map_err(db_error),
+                )
+            })
+            .collect()
     }
 
     async fn key_stats(&self, organization_id: &str, now: DateTime<Utc>) -> Result<KeyStats> {
@@ -392,11 +413,7 @@ impl Store for SqliteStore {
         let batch = merge_usage(batch);
         // One transaction per flush: an embedded file has no network round
         // trips to save, only fsyncs.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
         for d in &batch {
             sqlx::query(
                 "INSERT INTO usage_minutes (key_id, organization_id, minute, calls, last_used_at) \
@@ -413,22 +430,18 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-            sqlx::query(
-                "UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?2) WHERE id = ?1",
-            )
-            .bind(&d.key_id)
-            .bind(micros(d.last_used_at))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            sqlx::query(
-                "UPDATE organizations SET last_call_at = max(coalesce(last_call_at, 0), ?2) WHERE id = ?1",
-            )
-            .bind(&d.organization_id)
-            .bind(micros(d.last_used_at))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            sqlx::query("UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?2) WHERE id = ?1")
+                .bind(&d.key_id)
+                .bind(micros(d.last_used_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            sqlx::query("UPDATE organizations SET last_call_at = max(coalesce(last_call_at, 0), ?2) WHERE id = ?1")
+                .bind(&d.organization_id)
+                .bind(micros(d.last_used_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         }
         tx.commit().await.map_err(db_error)?;
         Ok(())
@@ -442,4 +455,56 @@ impl Store for SqliteStore {
             .map_err(db_error)?;
         Ok(done.rows_affected())
     }
+}
+
+/// Creates the organization (on Free) at first sight; returns its plan.
+/// Callers hold the write lock (`BEGIN IMMEDIATE`).
+async fn ensure_organization(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<Plan> {
+    sqlx::query(
+        "INSERT INTO organizations (id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_error)?;
+    let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    plan_from(&plan)
+}
+
+async fn read_key(tx: &mut sqlx::SqliteConnection, id: &str) -> Result<Option<ApiKey>> {
+    let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = ?1"))
+        .bind(id)
+        .fetch_optional(tx)
+        .await
+        .map_err(db_error)?;
+    row.as_ref().map(key_from_row).transpose()
+}
+
+async fn append_audit(tx: &mut sqlx::SqliteConnection, r: &AuditRecord<'_>, now: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (occurred_at, organization_id, actor, principal, action, key_id, \
+           key_prefix, status_before, status_after, request_id, peer, detail) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .bind(now)
+    .bind(r.organization_id)
+    .bind(&r.ctx.actor)
+    .bind(&r.ctx.principal)
+    .bind(r.action.as_str())
+    .bind(r.key_id)
+    .bind(r.key_prefix)
+    .bind(r.status_before.map(KeyStatus::as_str))
+    .bind(r.status_after.map(KeyStatus::as_str))
+    .bind(&r.ctx.request_id)
+    .bind(r.ctx.peer.as_deref())
+    .bind(r.detail.as_deref())
+    .execute(tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
 }

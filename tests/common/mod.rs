@@ -27,8 +27,7 @@ pub enum Backend {
 }
 
 fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database that lives as long as this guard.
@@ -44,11 +43,7 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite://{}", dir.path().join("keys.db").display());
-                Self {
-                    url,
-                    pg_name: None,
-                    _dir: Some(dir),
-                }
+                Self { url, pg_name: None, _dir: Some(dir) }
             }
             Backend::Postgres => {
                 let admin = admin_url();
@@ -65,11 +60,7 @@ impl TestDb {
                     .execute(&mut conn)
                     .await
                     .expect("create test database");
-                Self {
-                    url: with_database(&admin, &name),
-                    pg_name: Some(name),
-                    _dir: None,
-                }
+                Self { url: with_database(&admin, &name), pg_name: Some(name), _dir: None }
             }
         }
     }
@@ -77,13 +68,9 @@ impl TestDb {
 
 /// `admin` with its database path replaced by `name`, query string kept.
 fn with_database(admin: &str, name: &str) -> String {
-    let (base, query) = admin
-        .split_once('?')
-        .map_or((admin, None), |(b, q)| (b, Some(q)));
+    let (base, query) = admin.split_once('?').map_or((admin, None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
+    let host_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
     let mut url = format!("{}/{name}", &base[..host_end]);
     if let Some(q) = query {
         url.push('?');
@@ -99,17 +86,12 @@ impl Drop for TestDb {
         };
         // Drop runs inside or outside a runtime; a thread of its own works in both.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&mut conn)
+                        .await;
                 }
             });
         })
@@ -120,9 +102,7 @@ impl Drop for TestDb {
 fn uuid_like() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..16)
-        .map(|_| char::from(b'a' + rng.random_range(0..26)))
-        .collect()
+    (0..16).map(|_| char::from(b'a' + rng.random_range(0..26))).collect()
 }
 
 /// A store on a fresh database, for the conformance suite.
@@ -140,9 +120,7 @@ impl std::ops::Deref for TestStore {
 
 pub async fn test_store(backend: Backend) -> TestStore {
     let db = TestDb::new(backend).await;
-    let store = store::connect(&db.url, &StoreOptions::default())
-        .await
-        .expect("connect store");
+    let store = store::connect(&db.url, &StoreOptions::default()).await.expect("connect store");
     TestStore { store, db }
 }
 
@@ -163,6 +141,7 @@ pub fn serve_args(url: &str) -> ServeArgs {
             database_url: SecretString::new(url),
             pepper: Some(SecretString::new(PEPPER)),
             pepper_file: None,
+            previous_peppers: None,
             argon2_memory_kib: 256,
             argon2_iterations: 1,
             argon2_parallelism: 1,
@@ -202,11 +181,7 @@ impl TestApp {
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect");
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
         Self {
             addr,
             client: ApiKeyServiceClient::new(channel),
@@ -241,28 +216,21 @@ impl Drop for TestApp {
 /// Logs print only when TEST_LOG is set.
 pub fn init_logs() {
     if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug")
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter("debug").with_test_writer().try_init();
     }
 }
 
 /// A request carrying `token` as its bearer.
 pub fn with_bearer<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
+    r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
     r
 }
 
 /// A request from the dashboard backend acting for `actor`.
 pub fn as_service<T>(msg: T, actor: &str) -> Request<T> {
     let mut r = with_bearer(msg, SERVICE_TOKEN);
-    r.metadata_mut()
-        .insert("x-takumo-actor", MetadataValue::try_from(actor).unwrap());
+    r.metadata_mut().insert("x-takumo-actor", MetadataValue::try_from(actor).unwrap());
     r
 }
 
