@@ -256,3 +256,30 @@ macro_rules! for_each_backend {
         }
     };
 }
+
+/// Writes a key that expired a second ago (the API refuses to create one),
+/// through the library with the test server's pepper; returns the full key.
+pub async fn expired_key(app: &TestApp, org: &str) -> String {
+    use takumo_keys::{
+        hashing::{HashParams, Hasher},
+        model::{AuditContext, Environment},
+        scopes::{Preset, expand_preset},
+        service::{KeySpec, issue_key},
+    };
+    let hasher = Hasher::new(
+        SecretString::new(PEPPER),
+        HashParams { memory_kib: 256, iterations: 1, parallelism: 1 },
+        Default::default(),
+    )
+    .unwrap();
+    let spec = KeySpec {
+        organization_id: org.into(),
+        name: "expired".into(),
+        scopes: expand_preset(Preset::Organization),
+        created_by: "alice".into(),
+        environment: Environment::Live,
+        expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
+    };
+    let (_, secret) = issue_key(&*app.store, &hasher, spec, &AuditContext::operator("alice")).await.unwrap();
+    secret.into_exposed()
+}

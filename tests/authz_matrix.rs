@@ -1,0 +1,279 @@
+//! The authorization matrix: every RPC × every kind of caller, each cell
+//! asserting the exact status code. An RPC added to the proto without a row
+//! here fails `every_rpc_of_the_service_is_in_the_matrix`.
+
+mod common;
+
+use common::{Backend, SERVICE_TOKEN, TestApp, as_service, with_bearer};
+use prost::Message;
+use takumo_keys::proto::{
+    FILE_DESCRIPTOR_SET,
+    pb::{self, create_key_request::Scopes},
+};
+use tonic::{Code, Request};
+
+const ORG: &str = "acme";
+const OTHER: &str = "globex";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    NoCredentials,
+    MalformedToken,
+    UnknownServiceToken,
+    ServiceToken,
+    KeyLackingScope,
+    KeyWithScope,
+    KeyOfOtherOrganization,
+    DisabledKey,
+    RevokedKey,
+    ExpiredKey,
+}
+
+const EVERYONE: [Who; 10] = [
+    Who::NoCredentials,
+    Who::MalformedToken,
+    Who::UnknownServiceToken,
+    Who::ServiceToken,
+    Who::KeyLackingScope,
+    Who::KeyWithScope,
+    Who::KeyOfOtherOrganization,
+    Who::DisabledKey,
+    Who::RevokedKey,
+    Who::ExpiredKey,
+];
+
+const RPCS: [&str; 12] = [
+    "CreateKey",
+    "GetKey",
+    "ListKeys",
+    "SetKeyStatus",
+    "RevokeKey",
+    "DeleteKey",
+    "VerifyKey",
+    "GetKeyStats",
+    "ListScopes",
+    "SetOrganizationPlan",
+    "ListAuditEvents",
+    "ExportAuditEvents",
+];
+
+/// The expected outcome of one cell.
+fn expected(rpc: &str, who: Who) -> Code {
+    match who {
+        Who::NoCredentials
+        | Who::MalformedToken
+        | Who::UnknownServiceToken
+        | Who::DisabledKey
+        | Who::RevokedKey
+        | Who::ExpiredKey => Code::Unauthenticated,
+        Who::ServiceToken => Code::Ok,
+        _ if rpc == "ListScopes" => Code::Ok,
+        _ if rpc == "VerifyKey" || rpc == "SetOrganizationPlan" => Code::PermissionDenied,
+        Who::KeyLackingScope => Code::PermissionDenied,
+        Who::KeyWithScope => Code::Ok,
+        // Another organization's keys and data do not exist for this caller.
+        Who::KeyOfOtherOrganization => Code::NotFound,
+    }
+}
+
+struct Callers {
+    lacking: String,
+    with_scope: String,
+    other_org: String,
+    disabled: String,
+    revoked: String,
+    expired: String,
+}
+
+async fn key(app: &TestApp, org: &str, scopes: Scopes) -> (String, String) {
+    let r = app
+        .client
+        .clone()
+        .create_key(as_service(
+            pb::CreateKeyRequest {
+                organization_id: org.into(),
+                name: "caller".into(),
+                scopes: Some(scopes),
+                ..Default::default()
+            },
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    (r.key.unwrap().id, r.secret)
+}
+
+fn preset(p: pb::ScopePreset) -> Scopes {
+    Scopes::Preset(p as i32)
+}
+
+async fn callers(app: &TestApp) -> Callers {
+    let mut c = app.client.clone();
+    let (_, lacking) = key(app, ORG, Scopes::Custom(pb::ScopeList { scopes: vec!["fleet.read".into()] })).await;
+    let (_, with_scope) = key(app, ORG, preset(pb::ScopePreset::Organization)).await;
+    let (_, other_org) = key(app, OTHER, preset(pb::ScopePreset::Organization)).await;
+    let (id, disabled) = key(app, ORG, preset(pb::ScopePreset::Organization)).await;
+    c.set_key_status(as_service(pb::SetKeyStatusRequest { id, status: pb::KeyStatus::Disabled as i32 }, "a"))
+        .await
+        .unwrap();
+    let (id, revoked) = key(app, ORG, preset(pb::ScopePreset::Organization)).await;
+    c.revoke_key(as_service(pb::RevokeKeyRequest { id }, "a")).await.unwrap();
+    let expired = common::expired_key(app, ORG).await;
+    Callers { lacking, with_scope, other_org, disabled, revoked, expired }
+}
+
+fn request<T>(msg: T, who: Who, callers: &Callers) -> Request<T> {
+    let token = match who {
+        Who::KeyLackingScope => &callers.lacking,
+        Who::KeyWithScope => &callers.with_scope,
+        Who::KeyOfOtherOrganization => &callers.other_org,
+        Who::DisabledKey => &callers.disabled,
+        Who::RevokedKey => &callers.revoked,
+        Who::ExpiredKey => &callers.expired,
+        _ => "",
+    };
+    match who {
+        Who::NoCredentials => Request::new(msg),
+        Who::MalformedToken => {
+            let mut r = Request::new(msg);
+            r.metadata_mut().insert("authorization", "Bearer".parse().unwrap());
+            r
+        }
+        Who::UnknownServiceToken => with_bearer(msg, "an-unknown-service-token-0123456789abcdef"),
+        Who::ServiceToken => {
+            let mut r = with_bearer(msg, SERVICE_TOKEN);
+            r.metadata_mut().insert("x-takumo-actor", "alice".parse().unwrap());
+            r
+        }
+        _ => with_bearer(msg, token),
+    }
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    r.map_or_else(|s| s.code(), |_| Code::Ok)
+}
+
+/// Calls `rpc` as `who` on resources of ORG; a fresh target key per call,
+/// so destructive cells do not affect each other.
+async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> Code {
+    let mut c = app.client.clone();
+    let (target, target_secret) = key(app, ORG, preset(pb::ScopePreset::ReadOnly)).await;
+    // An API key names its own organization by leaving it empty; the
+    // other-organization key names ORG explicitly, as an attacker would.
+    let org = || ORG.to_string();
+    match rpc {
+        "CreateKey" => code(
+            c.create_key(request(
+                pb::CreateKeyRequest {
+                    organization_id: org(),
+                    name: "made".into(),
+                    scopes: Some(preset(pb::ScopePreset::ReadOnly)),
+                    ..Default::default()
+                },
+                who,
+                callers,
+            ))
+            .await,
+        ),
+        "GetKey" => code(c.get_key(request(pb::GetKeyRequest { id: target }, who, callers)).await),
+        "ListKeys" => code(
+            c.list_keys(request(pb::ListKeysRequest { organization_id: org(), ..Default::default() }, who, callers))
+                .await,
+        ),
+        "SetKeyStatus" => code(
+            c.set_key_status(request(
+                pb::SetKeyStatusRequest { id: target, status: pb::KeyStatus::Disabled as i32 },
+                who,
+                callers,
+            ))
+            .await,
+        ),
+        "RevokeKey" => code(c.revoke_key(request(pb::RevokeKeyRequest { id: target }, who, callers)).await),
+        "DeleteKey" => code(c.delete_key(request(pb::DeleteKeyRequest { id: target }, who, callers)).await),
+        "VerifyKey" => code(
+            c.verify_key(request(pb::VerifyKeyRequest { key: target_secret, ..Default::default() }, who, callers))
+                .await,
+        ),
+        "GetKeyStats" => {
+            code(c.get_key_stats(request(pb::GetKeyStatsRequest { organization_id: org() }, who, callers)).await)
+        }
+        "ListScopes" => code(c.list_scopes(request(pb::ListScopesRequest {}, who, callers)).await),
+        "SetOrganizationPlan" => code(
+            c.set_organization_plan(request(
+                pb::SetOrganizationPlanRequest { organization_id: org(), plan: pb::Plan::Enterprise as i32 },
+                who,
+                callers,
+            ))
+            .await,
+        ),
+        "ListAuditEvents" => code(
+            c.list_audit_events(request(
+                pb::ListAuditEventsRequest { organization_id: org(), ..Default::default() },
+                who,
+                callers,
+            ))
+            .await,
+        ),
+        "ExportAuditEvents" => {
+            let req =
+                request(pb::ExportAuditEventsRequest { organization_id: org(), ..Default::default() }, who, callers);
+            match c.export_audit_events(req).await {
+                Err(s) => s.code(),
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break Code::Ok,
+                            Err(s) => break s.code(),
+                        }
+                    }
+                }
+            }
+        }
+        other => panic!("no call for {other}: add it to the matrix"),
+    }
+}
+
+async fn every_cell_of_the_matrix_has_its_exact_status(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    c.set_organization_plan(as_service(
+        pb::SetOrganizationPlanRequest { organization_id: ORG.into(), plan: pb::Plan::Enterprise as i32 },
+        "billing",
+    ))
+    .await
+    .unwrap();
+    let callers = callers(&app).await;
+    let mut wrong = vec![];
+    for rpc in RPCS {
+        for who in EVERYONE {
+            let got = call(&app, rpc, who, &callers).await;
+            let want = expected(rpc, who);
+            if got != want {
+                wrong.push(format!("{rpc} as {who:?}: got {got:?}, want {want:?}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{} cells wrong:\n{}", wrong.len(), wrong.join("\n"));
+}
+
+#[test]
+fn every_rpc_of_the_service_is_in_the_matrix() {
+    let fds = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+    let methods: Vec<String> = fds
+        .file
+        .iter()
+        .flat_map(|f| f.service.iter())
+        .filter(|s| s.name() == "ApiKeyService")
+        .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
+        .collect();
+    assert!(!methods.is_empty());
+    for m in &methods {
+        assert!(RPCS.contains(&m.as_str()), "{m} is not in the authorization matrix");
+    }
+    assert_eq!(methods.len(), RPCS.len());
+}
+
+for_each_backend!(every_cell_of_the_matrix_has_its_exact_status);
