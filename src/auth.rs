@@ -11,6 +11,7 @@ use crate::{
     model::{ApiKey, AuditContext},
     scopes,
     secret::SecretString,
+    tls::CertServices,
     validate,
     verify::{Resolution, Verifier},
 };
@@ -18,6 +19,14 @@ use chrono::Utc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
+
+/// The member named in `x-takumo-actor`, if any.
+fn actor(md: &MetadataMap) -> Result<Option<String>> {
+    let Some(v) = md.get(ACTOR_HEADER) else { return Ok(None) };
+    let a = v.to_str().map_err(|_| Error::invalid(format!("`{ACTOR_HEADER}` metadata is not printable ASCII")))?;
+    validate::ident(ACTOR_HEADER, a)?;
+    Ok(Some(a.to_owned()))
+}
 
 /// Metadata entry carrying the caller's request id, recorded in the audit log.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -284,18 +293,30 @@ impl ServiceTokens {
 #[derive(Clone)]
 pub struct Authenticator {
     tokens: ServiceTokens,
+    cert_services: CertServices,
     verifier: Verifier,
 }
 
 impl Authenticator {
-    pub fn new(tokens: ServiceTokens, verifier: Verifier) -> Self {
-        Self { tokens, verifier }
+    pub fn new(tokens: ServiceTokens, cert_services: CertServices, verifier: Verifier) -> Self {
+        Self { tokens, cert_services, verifier }
+    }
+
+    /// Under mutual TLS, a verified client certificate mapped to a service.
+    fn certificate_service<T>(&self, req: &tonic::Request<T>) -> Option<Principal> {
+        let certs = req.peer_certs()?;
+        let leaf = certs.first()?;
+        self.cert_services.service_for(leaf).map(|name| Principal::Service { name: name.to_owned() })
     }
 
     pub async fn authenticate<T>(&self, req: &tonic::Request<T>) -> Result<Caller> {
         let md = req.metadata();
         let unauth = |m: &str| Error::Unauthenticated(m.to_owned());
+        let peer = req.remote_addr().map(|a| a.to_string());
         let Some(value) = md.get("authorization") else {
+            if let Some(principal) = self.certificate_service(req) {
+                return Ok(Caller { principal, actor: actor(md)?, request_id: request_id(md), peer });
+            }
             return Err(unauth(
                 "missing `authorization` metadata: send `authorization: Bearer <service token or API key>`",
             ));
@@ -338,17 +359,7 @@ impl Authenticator {
             }
         };
 
-        let actor = match md.get(ACTOR_HEADER) {
-            None => None,
-            Some(v) => {
-                let a = v
-                    .to_str()
-                    .map_err(|_| Error::invalid(format!("`{ACTOR_HEADER}` metadata is not printable ASCII")))?;
-                validate::ident(ACTOR_HEADER, a)?;
-                Some(a.to_owned())
-            }
-        };
-        Ok(Caller { principal, actor, request_id: request_id(md), peer: req.remote_addr().map(|a| a.to_string()) })
+        Ok(Caller { principal, actor: actor(md)?, request_id: request_id(md), peer })
     }
 }
 

@@ -148,6 +148,28 @@ pub struct ServeArgs {
     #[arg(long, env = "TAKUMO_SERVICE_TOKENS", hide_env_values = true)]
     pub service_tokens: Option<SecretString>,
 
+    /// File with more service tokens, same `name=token` format (commas or newlines);
+    /// for a Kubernetes secret mount. Combined with TAKUMO_SERVICE_TOKENS.
+    #[arg(long, env = "TAKUMO_SERVICE_TOKENS_FILE")]
+    pub service_tokens_file: Option<PathBuf>,
+
+    /// PEM certificate chain: serve gRPC over TLS (needs TAKUMO_TLS_KEY).
+    #[arg(long, env = "TAKUMO_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of TAKUMO_TLS_CERT.
+    #[arg(long, env = "TAKUMO_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "TAKUMO_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Client-certificate subjects that are service principals under mutual TLS:
+    /// `spiffe://takumo/billing=billing,CN=dashboard=dashboard` (DNS/URI SAN or CN=…).
+    #[arg(long, env = "TAKUMO_MTLS_SERVICES", requires = "tls_client_ca")]
+    pub mtls_services: Option<String>,
+
     /// How often usage counts are written to the store, in milliseconds.
     #[arg(long, env = "TAKUMO_USAGE_FLUSH_INTERVAL_MS", default_value_t = DEFAULT_USAGE_FLUSH_MS)]
     pub usage_flush_interval_ms: u64,

@@ -9,7 +9,8 @@
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
 //! - [`cache`]: the verified-key cache; [`usage`]: batched usage counting;
 //!   [`metrics`]: counters of the verification path.
-//! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring and lifecycle.
+//! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring and lifecycle;
+//!   [`tls`]: TLS, mutual TLS and certificate principals.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod service;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod usage;
 pub mod validate;
 pub mod verify;

@@ -14,6 +14,7 @@ use crate::{
     secret::SecretString,
     service::{KeySpec, KeysService, issue_key},
     store::{self, ChangeSink, Store},
+    tls::{self, CertServices},
     usage::Usage,
     validate,
     verify::Verifier,
@@ -29,7 +30,7 @@ use std::{
     time::Duration,
 };
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 
 /// How often the store is pinged to keep the health status true.
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -123,6 +124,19 @@ fn embedded_pepper(db: &Path) -> Result<SecretString> {
     }
 }
 
+/// Service tokens from TAKUMO_SERVICE_TOKENS and TAKUMO_SERVICE_TOKENS_FILE together.
+async fn service_tokens(args: &ServeArgs) -> Result<ServiceTokens> {
+    let mut spec = args.service_tokens.as_ref().map(|s| s.expose().to_owned()).unwrap_or_default();
+    if let Some(path) = &args.service_tokens_file {
+        let file = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| Error::invalid(format!("TAKUMO_SERVICE_TOKENS_FILE {}: {e}", path.display())))?;
+        spec.push(',');
+        spec.push_str(&file.replace(['\n', '\r'], ","));
+    }
+    ServiceTokens::parse(&SecretString::new(spec))
+}
+
 /// A bound, ready-to-run server.
 pub struct Application {
     listener: TcpListener,
@@ -132,6 +146,7 @@ pub struct Application {
     metrics: Arc<Metrics>,
     usage: Usage,
     usage_flush_interval: Duration,
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Application {
@@ -140,19 +155,24 @@ impl Application {
     pub async fn build(args: &ServeArgs) -> Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let (store, hasher) = open_store(&args.store, args.hash_queue, metrics.clone()).await?;
-        let tokens = match &args.service_tokens {
-            Some(spec) => ServiceTokens::parse(spec)?,
-            None => ServiceTokens::default(),
+        let tokens = service_tokens(args).await?;
+        let cert_services = match &args.mtls_services {
+            Some(spec) => CertServices::parse(spec)?,
+            None => CertServices::default(),
         };
-        if tokens.is_empty() {
+        if tokens.is_empty() && cert_services.is_empty() {
             tracing::warn!(
                 "no TAKUMO_SERVICE_TOKENS set: only API keys can call the service, and VerifyKey is unusable"
             );
         }
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::server_config(cert, key, args.tls_client_ca.as_deref())?),
+            _ => None,
+        };
         let usage = Usage::new(store.clone(), metrics.clone());
         let cache = Arc::new(VerifyCache::new(args.cache_settings()));
         let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone(), cache, metrics.clone());
-        let auth = Authenticator::new(tokens, verifier.clone());
+        let auth = Authenticator::new(tokens, cert_services, verifier.clone());
         let service = KeysService::new(store.clone(), hasher, verifier.clone(), auth);
         let listener = TcpListener::bind(args.listen)
             .await
@@ -165,6 +185,7 @@ impl Application {
             metrics,
             usage,
             usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.max(10)),
+            tls,
         })
     }
 
@@ -216,7 +237,11 @@ impl Application {
         // Small unary responses must not wait on Nagle's algorithm.
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
-        let result = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls).map_err(|e| Error::invalid(format!("TAKUMO_TLS_*: {e}")))?;
+        }
+        let result = server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

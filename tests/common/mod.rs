@@ -130,6 +130,11 @@ pub fn serve_args(url: &str) -> ServeArgs {
     ServeArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         service_tokens: Some(SecretString::new(format!("dashboard={SERVICE_TOKEN}"))),
+        service_tokens_file: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_client_ca: None,
+        mtls_services: None,
         usage_flush_interval_ms: 60_000,
         cache_capacity: 10_000,
         cache_freshness_ms: 30_000,
@@ -181,7 +186,8 @@ impl TestApp {
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+        // Lazy: a TLS server would refuse this plaintext channel; tests of TLS make their own.
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         Self {
             addr,
             client: ApiKeyServiceClient::new(channel),
