@@ -196,6 +196,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TAKUMO_HASH_QUEUE", default_value_t = crate::hashing::DEFAULT_QUEUE_CAPACITY)]
     pub hash_queue: usize,
 
+    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TAKUMO_MAX_REQUEST_BYTES", default_value_t = crate::limits::DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+
     /// Log format on stderr.
     #[arg(long, env = "TAKUMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

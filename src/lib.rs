@@ -10,7 +10,7 @@
 //! - [`cache`]: the verified-key cache; [`usage`]: batched usage counting;
 //!   [`metrics`]: counters of the verification path.
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring and lifecycle;
-//!   [`tls`]: TLS, mutual TLS and certificate principals.
+//!   [`tls`]: TLS, mutual TLS and certificate principals; [`limits`]: request size limits.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 
 pub mod auth;
@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod hashing;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod proto;

@@ -7,6 +7,7 @@ use crate::{
     config::{BootstrapArgs, HealthArgs, ServeArgs, StoreArgs},
     error::{Error, Result},
     hashing::{Hasher, Peppers},
+    limits,
     metrics::Metrics,
     model::AuditContext,
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
@@ -147,6 +148,7 @@ pub struct Application {
     usage: Usage,
     usage_flush_interval: Duration,
     tls: Option<ServerTlsConfig>,
+    max_request_bytes: usize,
 }
 
 impl Application {
@@ -186,6 +188,7 @@ impl Application {
             usage,
             usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.max(10)),
             tls,
+            max_request_bytes: args.max_request_bytes,
         })
     }
 
@@ -242,10 +245,11 @@ impl Application {
             server = server.tls_config(tls).map_err(|e| Error::invalid(format!("TAKUMO_TLS_*: {e}")))?;
         }
         let result = server
+            .layer(tower::util::MapResponseLayer::new(limits::oversize_is_resource_exhausted))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(ApiKeyServiceServer::new(self.service))
+            .add_service(ApiKeyServiceServer::new(self.service).max_decoding_message_size(self.max_request_bytes))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 set_health(&health, false).await;

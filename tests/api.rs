@@ -658,7 +658,34 @@ async fn secrets_are_stored_only_as_peppered_argon2id_hashes(b: Backend) {
     assert!(!phc.contains(&secret[24..56]) && !phc.contains(PEPPER));
 }
 
+async fn request_limits_are_enforced_with_clear_statuses(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    let huge = create_req("acme", &"n".repeat(1 << 20), preset(pb::ScopePreset::ReadOnly));
+    let e = c.create_key(as_service(huge, "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    let many: Vec<String> = (0..101).map(|i| format!("fleet.read{i}")).collect();
+    let req = pb::CreateKeyRequest {
+        scopes: Some(Scopes::Custom(pb::ScopeList { scopes: many.clone() })),
+        ..create_req("acme", "k", None)
+    };
+    let e = c.create_key(as_service(req, "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("at most 100"), "{}", e.message());
+    let e = c
+        .verify_key(as_service(
+            pb::VerifyKeyRequest { key: "tk_live_x".into(), required_scopes: many, organization_id: None },
+            "a",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // The server is fine afterwards.
+    c.list_scopes(as_service(pb::ListScopesRequest {}, "a")).await.unwrap();
+}
+
 for_each_backend!(
+    request_limits_are_enforced_with_clear_statuses,
     secret_is_returned_once_and_never_again,
     presets_expand_to_the_catalogs_sets,
     invalid_create_requests_are_invalid_argument,

@@ -141,6 +141,7 @@ pub fn serve_args(url: &str) -> ServeArgs {
         cache_stale_ms: 300_000,
         negative_cache_ttl_ms: 30_000,
         hash_queue: 1024,
+        max_request_bytes: takumo_keys::limits::DEFAULT_MAX_REQUEST_BYTES,
         log_format: LogFormat::Text,
         store: StoreArgs {
             database_url: SecretString::new(url),
