@@ -684,7 +684,79 @@ async fn request_limits_are_enforced_with_clear_statuses(b: Backend) {
     c.list_scopes(as_service(pb::ListScopesRequest {}, "a")).await.unwrap();
 }
 
+async fn audit_log_records_who_did_what_and_exports_it(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    let mut req = as_service(create_req("acme", "ci", preset(pb::ScopePreset::Organization)), "alice");
+    req.metadata_mut().insert("x-request-id", "req-42".parse().unwrap());
+    let created = c.create_key(req).await.unwrap().into_inner();
+    let (key, secret) = (created.key.unwrap(), created.secret);
+    c.set_key_status(with_bearer(
+        pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
+        &secret,
+    ))
+    .await
+    .unwrap();
+    set_plan(&app, "acme", pb::Plan::Pro).await;
+    let (_, reader) = create_as(&app, "acme", "bob", custom(&["audit.read"])).await;
+
+    let page = c
+        .list_audit_events(with_bearer(pb::ListAuditEventsRequest { page_size: 2, ..Default::default() }, &reader))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.events.len(), 2);
+    assert!(!page.next_page_token.is_empty());
+    let rest = c
+        .list_audit_events(with_bearer(
+            pb::ListAuditEventsRequest { page_token: page.next_page_token.clone(), ..Default::default() },
+            &reader,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let all: Vec<pb::AuditEvent> = page.events.into_iter().chain(rest.events).collect();
+    let actions: Vec<pb::AuditAction> = all.iter().map(|e| e.action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            pb::AuditAction::KeyCreated,
+            pb::AuditAction::PlanChanged,
+            pb::AuditAction::KeyStatusChanged,
+            pb::AuditAction::KeyCreated
+        ]
+    );
+    let toggled = &all[2];
+    assert_eq!(toggled.principal, format!("key:{}", key.id));
+    assert_eq!((toggled.actor.as_str(), toggled.key_prefix.as_str()), ("alice", key.prefix.as_str()));
+    assert_eq!((toggled.status_before(), toggled.status_after()), (pb::KeyStatus::Active, pb::KeyStatus::Disabled));
+    assert!(toggled.peer.starts_with("127.0.0.1:"));
+    let first = &all[3];
+    assert_eq!((first.request_id.as_str(), first.principal.as_str()), ("req-42", "service:dashboard"));
+    for e in &all {
+        assert!(!format!("{e:?}").contains(&secret[24..56]), "no secret in the audit log");
+    }
+
+    // Export streams the same events; the reader lacks audit.export.
+    let e = c.export_audit_events(with_bearer(pb::ExportAuditEventsRequest::default(), &reader)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut stream = c
+        .export_audit_events(as_service(
+            pb::ExportAuditEventsRequest { organization_id: "acme".into(), ..Default::default() },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut exported = vec![];
+    while let Some(e) = stream.message().await.unwrap() {
+        exported.push(e);
+    }
+    assert_eq!(exported, all);
+}
+
 for_each_backend!(
+    audit_log_records_who_did_what_and_exports_it,
     request_limits_are_enforced_with_clear_statuses,
     secret_is_returned_once_and_never_again,
     presets_expand_to_the_catalogs_sets,
