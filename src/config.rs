@@ -12,6 +12,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://takumo-keys.db";
 pub const DEFAULT_USAGE_FLUSH_MS: u64 = 1_000;
 pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
 pub const DEFAULT_DB_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 20_000;
 pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_CACHE_FRESHNESS_MS: u64 = 30_000;
 pub const DEFAULT_CACHE_STALE_MS: u64 = 300_000;
@@ -31,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a first organization-preset key straight to the store and print it once.
     Bootstrap(BootstrapArgs),
     /// Exit 0 when the server at `--addr` reports SERVING (for container health checks).
@@ -195,6 +196,19 @@ pub struct ServeArgs {
     /// Argon2 jobs that may wait for a hashing thread; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "TAKUMO_HASH_QUEUE", default_value_t = crate::hashing::DEFAULT_QUEUE_CAPACITY)]
     pub hash_queue: usize,
+
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); off when unset.
+    #[arg(long, env = "TAKUMO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// On SIGTERM, how long health reports NOT_SERVING before the listener closes, in
+    /// milliseconds, so load balancers stop sending new calls first.
+    #[arg(long, env = "TAKUMO_SHUTDOWN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_delay_ms: u64,
+
+    /// On SIGTERM, how long in-flight calls may take to finish before they are abandoned, in milliseconds.
+    #[arg(long, env = "TAKUMO_SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
+    pub shutdown_timeout_ms: u64,
 
     /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TAKUMO_MAX_REQUEST_BYTES", default_value_t = crate::limits::DEFAULT_MAX_REQUEST_BYTES)]

@@ -12,9 +12,12 @@
 //! - [`config`], [`telemetry`], [`startup`]: settings, logging, wiring and lifecycle;
 //!   [`tls`]: TLS, mutual TLS and certificate principals; [`limits`]: request size limits.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
+//! - [`client`] (feature `client`): a typed client and the tower layer internal services use to verify keys.
 
 pub mod auth;
 pub mod cache;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod hashing;

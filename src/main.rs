@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Bootstrap(args)) => {
-            telemetry::init(LogFormat::Text);
+            let _logs = telemetry::init(LogFormat::Text);
             startup::bootstrap(&args).await.map(|(key, secret)| {
                 eprintln!(
                     "created key {} ({}) in organization {}: it is shown once, store it now",
@@ -23,21 +23,24 @@ async fn main() -> ExitCode {
         }
         Some(Command::Health(args)) => startup::health_check(&args).await,
         Some(Command::Migrate(args)) => {
-            telemetry::init(LogFormat::Text);
+            let _logs = telemetry::init(LogFormat::Text);
             takumo_keys::store::connect(args.database_url.expose(), &Default::default())
                 .await
                 .map(|store| tracing::info!(backend = store.backend(), "schema is up to date"))
         }
         command => {
             let args = match command {
-                Some(Command::Serve(args)) => args,
+                Some(Command::Serve(args)) => *args,
                 _ => cli.serve,
             };
-            telemetry::init(args.log_format);
-            match Application::build(&args).await {
+            let telemetry = telemetry::init(args.log_format);
+            let result = match Application::build(&args).await {
                 Ok(app) => app.run_until(startup::shutdown_signal()).await,
                 Err(e) => Err(e),
-            }
+            };
+            // Last: spans of the shutdown itself are exported too.
+            telemetry.shutdown();
+            result
         }
     };
     match result {

@@ -7,13 +7,13 @@ use crate::{
     error::{Error, Result},
     hashing::Hasher,
     keys,
-    metrics::Metrics,
+    metrics::{self, Metrics},
     model::{ApiKey, AuditContext, AuditFilter, Cursor, Environment, KeyStatus, ListFilter, NewKey},
     proto::{self, pb},
     scopes,
     secret::SecretString,
     store::{Store, truncate_micros},
-    validate,
+    telemetry, validate,
     verify::{Denial, Resolution, Verifier, decide},
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -56,7 +56,11 @@ impl KeysService {
             return Err(not_found());
         }
         match self.store.get_key(id).await? {
-            Some(k) if caller.can_see(&k) => Ok(k),
+            Some(k) if caller.can_see(&k) => {
+                telemetry::record("organization_id", &k.organization_id);
+                telemetry::record("key_id", &k.id);
+                Ok(k)
+            }
             _ => Err(not_found()),
         }
     }
@@ -71,6 +75,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::CreateKey).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
+        telemetry::record("organization_id", &organization_id);
         validate::name("name", &r.name)?;
         let scope_set = match &r.scopes {
             None => {
@@ -96,6 +101,7 @@ impl KeysService {
             &caller.audit(),
         )
         .await?;
+        telemetry::record("key_id", &key.id);
         tracing::info!(key_id = %key.id, organization_id = %key.organization_id, "key created");
         Ok(pb::CreateKeyResponse { key: Some(key.into()), secret: secret.into_exposed() })
     }
@@ -109,6 +115,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ListKeys).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
+        telemetry::record("organization_id", &organization_id);
         let page_size = page_size(r.page_size)?;
         let after = (!r.page_token.is_empty()).then(|| decode_page_token(&r.page_token)).transpose()?;
         let filter = ListFilter {
@@ -188,6 +195,8 @@ impl KeysService {
             Resolution::NotFound => return Ok(deny(pb::VerifyCode::NotFound)),
             Resolution::Key(k) => k,
         };
+        telemetry::record("organization_id", &key.organization_id);
+        telemetry::record("key_id", &key.id);
         let (code, missing_scopes) = match decide(&key, &r.required_scopes, organization_id, Utc::now()) {
             Ok(()) => (pb::VerifyCode::Valid, vec![]),
             Err(Denial::Revoked) => (pb::VerifyCode::Revoked, vec![]),
@@ -213,6 +222,7 @@ impl KeysService {
     async fn get_key_stats(&self, req: Request<pb::GetKeyStatsRequest>) -> Result<pb::KeyStats> {
         let caller = self.caller(&req, Rpc::GetKeyStats).await?;
         let organization_id = caller.organization(&req.get_ref().organization_id)?;
+        telemetry::record("organization_id", &organization_id);
         let s = self.store.key_stats(&organization_id, Utc::now()).await?;
         Ok(pb::KeyStats {
             total_keys: s.total_keys,
@@ -234,6 +244,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ListAuditEvents).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
+        telemetry::record("organization_id", &organization_id);
         let page_size = page_size(r.page_size)?;
         let before_id = (!r.page_token.is_empty()).then(|| decode_audit_token(&r.page_token)).transpose()?;
         let filter = AuditFilter {
@@ -255,6 +266,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ExportAuditEvents).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
+        telemetry::record("organization_id", &organization_id);
         let filter = AuditFilter {
             since: r.since.as_ref().map(|t| proto::from_timestamp("since", t)).transpose()?,
             until: r.until.as_ref().map(|t| proto::from_timestamp("until", t)).transpose()?,
@@ -397,57 +409,71 @@ fn decode_audit_token(token: &str) -> Result<i64> {
     raw.strip_prefix("audit.").and_then(|id| id.parse().ok()).ok_or_else(bad)
 }
 
-/// Runs a handler body and maps its domain error to a status in one place.
-fn respond<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
-    r.map(Response::new).map_err(Status::from)
+impl KeysService {
+    /// Runs a handler body, maps its domain error to a status (in one
+    /// place), and records the outcome on the RPC's span and in the metrics.
+    async fn respond<T>(
+        &self,
+        method: &'static str,
+        body: impl std::future::Future<Output = Result<T>>,
+    ) -> std::result::Result<Response<T>, Status> {
+        let start = std::time::Instant::now();
+        let result = body.await.map(Response::new).map_err(Status::from);
+        let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        let span = tracing::Span::current();
+        span.record("code", metrics::code_name(code));
+        span.record("rpc.grpc.status_code", code as i32);
+        self.verifier.metrics().observe_rpc(method, code, start.elapsed());
+        result
+    }
 }
 
 #[tonic::async_trait]
 impl ApiKeyService for KeysService {
     async fn create_key(&self, r: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        respond(KeysService::create_key(self, r).await)
+        self.respond("CreateKey", KeysService::create_key(self, r)).await
     }
     async fn get_key(&self, r: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        respond(KeysService::get_key(self, r).await)
+        self.respond("GetKey", KeysService::get_key(self, r)).await
     }
     async fn list_keys(&self, r: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
-        respond(KeysService::list_keys(self, r).await)
+        self.respond("ListKeys", KeysService::list_keys(self, r)).await
     }
     async fn set_key_status(&self, r: Request<pb::SetKeyStatusRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        respond(KeysService::set_key_status(self, r).await)
+        self.respond("SetKeyStatus", KeysService::set_key_status(self, r)).await
     }
     async fn revoke_key(&self, r: Request<pb::RevokeKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        respond(KeysService::revoke_key(self, r).await)
+        self.respond("RevokeKey", KeysService::revoke_key(self, r)).await
     }
     async fn delete_key(&self, r: Request<pb::DeleteKeyRequest>) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        respond(KeysService::delete_key(self, r).await)
+        self.respond("DeleteKey", KeysService::delete_key(self, r)).await
     }
     async fn verify_key(&self, r: Request<pb::VerifyKeyRequest>) -> Result<Response<pb::VerifyKeyResponse>, Status> {
-        respond(KeysService::verify_key(self, r).await)
+        self.respond("VerifyKey", KeysService::verify_key(self, r)).await
     }
     async fn get_key_stats(&self, r: Request<pb::GetKeyStatsRequest>) -> Result<Response<pb::KeyStats>, Status> {
-        respond(KeysService::get_key_stats(self, r).await)
+        self.respond("GetKeyStats", KeysService::get_key_stats(self, r)).await
     }
     async fn list_scopes(&self, r: Request<pb::ListScopesRequest>) -> Result<Response<pb::ListScopesResponse>, Status> {
-        respond(KeysService::list_scopes(self, r).await)
+        self.respond("ListScopes", KeysService::list_scopes(self, r)).await
     }
     async fn set_organization_plan(
         &self,
         r: Request<pb::SetOrganizationPlanRequest>,
     ) -> Result<Response<pb::Organization>, Status> {
-        respond(KeysService::set_organization_plan(self, r).await)
+        self.respond("SetOrganizationPlan", KeysService::set_organization_plan(self, r)).await
     }
     async fn list_audit_events(
         &self,
         r: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        respond(KeysService::list_audit_events(self, r).await)
+        self.respond("ListAuditEvents", KeysService::list_audit_events(self, r)).await
     }
     type ExportAuditEventsStream = AuditStream;
     async fn export_audit_events(
         &self,
         r: Request<pb::ExportAuditEventsRequest>,
     ) -> Result<Response<AuditStream>, Status> {
-        respond(KeysService::export_audit_events(self, r).await)
+        self.respond("ExportAuditEvents", KeysService::export_audit_events(self, r)).await
     }
 }

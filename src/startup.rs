@@ -8,13 +8,14 @@ use crate::{
     error::{Error, Result},
     hashing::{Hasher, Peppers},
     limits,
-    metrics::Metrics,
+    metrics::{self, Metrics},
     model::AuditContext,
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
     scopes::{self, Preset},
     secret::SecretString,
     service::{KeySpec, KeysService, issue_key},
     store::{self, ChangeSink, Store},
+    telemetry,
     tls::{self, CertServices},
     usage::Usage,
     validate,
@@ -149,6 +150,11 @@ pub struct Application {
     usage_flush_interval: Duration,
     tls: Option<ServerTlsConfig>,
     max_request_bytes: usize,
+    metrics_listener: Option<TcpListener>,
+    /// Sets the scrape-time gauges from their sources.
+    gauges: Arc<dyn Fn() + Send + Sync>,
+    shutdown_delay: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
@@ -173,7 +179,28 @@ impl Application {
         };
         let usage = Usage::new(store.clone(), metrics.clone());
         let cache = Arc::new(VerifyCache::new(args.cache_settings()));
-        let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone(), cache, metrics.clone());
+        let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone(), cache.clone(), metrics.clone());
+        let gauges: Arc<dyn Fn() + Send + Sync> = {
+            let (metrics, store, usage, hasher) = (metrics.clone(), store.clone(), usage.clone(), hasher.clone());
+            Arc::new(move || {
+                let (lag, keys) = usage.lag();
+                let pool = store.pool_stats();
+                metrics.cache_entries.set(cache.entry_count() as i64);
+                metrics.argon2_queue_depth.set(hasher.queue_depth() as i64);
+                metrics.usage_flush_lag_seconds.set(lag.as_secs_f64());
+                metrics.usage_pending_keys.set(keys as i64);
+                metrics.db_pool_in_use.set(i64::from(pool.size.saturating_sub(pool.idle)));
+                metrics.db_pool_idle.set(i64::from(pool.idle));
+            })
+        };
+        let metrics_listener = match args.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::invalid(format!("TAKUMO_METRICS_LISTEN {addr}: {e}")))?,
+            ),
+            None => None,
+        };
         let auth = Authenticator::new(tokens, cert_services, verifier.clone());
         let service = KeysService::new(store.clone(), hasher, verifier.clone(), auth);
         let listener = TcpListener::bind(args.listen)
@@ -189,11 +216,20 @@ impl Application {
             usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.max(10)),
             tls,
             max_request_bytes: args.max_request_bytes,
+            metrics_listener,
+            gauges,
+            shutdown_delay: Duration::from_millis(args.shutdown_delay_ms),
+            shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where the metrics endpoint listens, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The usage counter, so tests and shutdown can force a flush.
@@ -221,9 +257,19 @@ impl Application {
             tokio::spawn(async move { store.watch_changes(sink, stop).await })
         };
 
+        let (metrics_listener, metrics, gauges) = (self.metrics_listener, self.metrics.clone(), self.gauges.clone());
+        let metrics_task = metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving metrics");
+            }
+            tokio::spawn(metrics::serve(listener, metrics, gauges, stop_rx.clone()))
+        });
+
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, true).await;
-        let prober = tokio::spawn(probe_health(self.store.clone(), health.clone(), stop_rx));
+        // The prober stops when shutdown begins, so it cannot turn health back to SERVING.
+        let (prober_stop, prober_rx) = watch::channel(false);
+        let prober = tokio::spawn(probe_health(self.store.clone(), health.clone(), prober_rx));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -236,33 +282,54 @@ impl Application {
             .build_v1alpha()
             .map_err(Error::internal)?;
 
-        let addr = self.local_addr();
+        let addr = self.listener.local_addr().map_err(Error::internal)?;
         // Small unary responses must not wait on Nagle's algorithm.
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
-        let mut server = Server::builder();
+        let mut server = Server::builder().trace_fn(telemetry::rpc_span);
         if let Some(tls) = self.tls {
             server = server.tls_config(tls).map_err(|e| Error::invalid(format!("TAKUMO_TLS_*: {e}")))?;
         }
-        let result = server
+        let draining = Arc::new(tokio::sync::Notify::new());
+        let (delay, timeout) = (self.shutdown_delay, self.shutdown_timeout);
+        let begin_shutdown = {
+            let draining = draining.clone();
+            async move {
+                shutdown.await;
+                let _ = prober_stop.send(true);
+                set_health(&health, false).await;
+                tracing::info!(?delay, "shutting down: health is NOT_SERVING");
+                tokio::time::sleep(delay).await;
+                tracing::info!("closing the listener; draining in-flight calls");
+                draining.notify_one();
+            }
+        };
+        let serve = server
             .layer(tower::util::MapResponseLayer::new(limits::oversize_is_resource_exhausted))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(ApiKeyServiceServer::new(self.service).max_decoding_message_size(self.max_request_bytes))
-            .serve_with_incoming_shutdown(incoming, async move {
-                shutdown.await;
-                set_health(&health, false).await;
-                tracing::info!("shutting down: draining in-flight calls");
-            })
-            .await;
+            .serve_with_incoming_shutdown(incoming, begin_shutdown);
+        let result = tokio::select! {
+            r = serve => r.map_err(Error::internal),
+            _ = async { draining.notified().await; tokio::time::sleep(timeout).await } => {
+                tracing::warn!(?timeout, "drain timeout: abandoning calls still in flight");
+                Ok(())
+            }
+        };
 
+        // Background work stops after the last call: the final usage flush
+        // counts every verification that completed.
         let _ = stop_tx.send(true);
         let _ = prober.await;
         let _ = watcher.await;
         let _ = flusher.await;
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
         tracing::info!("stopped");
-        result.map_err(Error::internal)
+        result
     }
 }
 

@@ -1,15 +1,112 @@
-//! Logging setup. Logs go to stderr so stdout stays for command output
-//! (`bootstrap` prints the key there and nothing else).
+//! Logs and traces. Logs go to stderr (text or JSON) so stdout stays for
+//! command output (`bootstrap` prints the key there and nothing else).
+//! OpenTelemetry traces are exported over OTLP/gRPC only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, honouring the standard `OTEL_*`
+//! variables; each RPC continues the caller's W3C `traceparent`.
 
 use crate::config::LogFormat;
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use opentelemetry::{global, propagation::Extractor, trace::TracerProvider as _};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tonic::codegen::http;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
+
+/// Service name in exported traces unless `OTEL_SERVICE_NAME` says otherwise.
+pub const SERVICE_NAME: &str = "takumo-keys";
+
+/// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes it.
+#[must_use = "dropping the guard without shutdown() may lose buffered spans"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (OTLP is configured).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("takumo-keys: flushing traces failed: {e}");
+        }
+    }
+}
 
 /// Installs the global subscriber; `RUST_LOG` overrides the `info` default.
-pub fn init(format: LogFormat) {
+pub fn init(format: LogFormat) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let _ = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
-        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init(),
+    let fmt_layer = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
+    let provider = otlp_provider();
+    let otel_layer = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(SERVICE_NAME)));
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let _ = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
+    if provider.is_some() {
+        tracing::info!("exporting traces over OTLP");
+    }
+    Telemetry { provider }
+}
+
+fn otlp_provider() -> Option<SdkTracerProvider> {
+    std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.is_empty())?;
+    // The exporter reads OTEL_EXPORTER_OTLP_* itself (endpoint, headers, timeout).
+    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("takumo-keys: OTEL_EXPORTER_OTLP_ENDPOINT: cannot build the OTLP exporter: {e}");
+            return None;
+        }
+    };
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(SERVICE_NAME);
+    }
+    Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
+}
+
+/// Reads W3C trace context from HTTP/2 headers (gRPC metadata).
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The span of one RPC: method now, organization, key and outcome recorded
+/// by the handler as it learns them. Never a secret. A `traceparent` in the
+/// request metadata makes it a child of the caller's span.
+pub fn rpc_span(req: &http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    let method = path.rsplit('/').next().unwrap_or(path);
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = %method,
+        organization_id = Empty,
+        key_id = Empty,
+        code = Empty,
+        rpc.grpc.status_code = Empty,
+    );
+    let parent = global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(req.headers())));
+    // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Records a field on the current RPC span.
+pub fn record(field: &'static str, value: &str) {
+    tracing::Span::current().record(field, value);
 }

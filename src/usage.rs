@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tokio::sync::watch;
 
@@ -59,13 +59,20 @@ pub struct Usage {
 struct Inner {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    pending: Mutex<PendingSet>,
+}
+
+#[derive(Default)]
+struct PendingSet {
     /// Keyed by key id; looked up by `&str`, so counting a known key allocates nothing.
-    pending: Mutex<HashMap<String, KeyUsage>>,
+    keys: HashMap<String, KeyUsage>,
+    /// When the oldest count still in `keys` was made: the flush lag.
+    since: Option<Instant>,
 }
 
 impl Usage {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { inner: Arc::new(Inner { store, metrics, pending: Mutex::new(HashMap::new()) }) }
+        Self { inner: Arc::new(Inner { store, metrics, pending: Mutex::default() }) }
     }
 
     /// Counts one call of `key` at `at`. Never blocks on I/O.
@@ -73,10 +80,11 @@ impl Usage {
         let minute = at.duration_trunc(ChronoDuration::minutes(1)).unwrap_or(at);
         let one = Pending { minute, calls: 1, last_used_at: at };
         let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
-        match pending.get_mut(key.id.as_str()) {
+        pending.since.get_or_insert_with(Instant::now);
+        match pending.keys.get_mut(key.id.as_str()) {
             Some(u) => u.add(one),
             None => {
-                pending.insert(
+                pending.keys.insert(
                     key.id.clone(),
                     KeyUsage { organization_id: key.organization_id.clone(), buckets: vec![one] },
                 );
@@ -87,14 +95,12 @@ impl Usage {
     /// Writes every pending count in one batch. On failure the counts go back
     /// into the pending set, to be retried by the next flush.
     pub async fn flush(&self) -> crate::error::Result<usize> {
-        let taken: HashMap<String, KeyUsage> = {
-            let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
-            std::mem::take(&mut *pending)
-        };
-        if taken.is_empty() {
+        let taken = std::mem::take(&mut *self.inner.pending.lock().expect("usage lock poisoned"));
+        if taken.keys.is_empty() {
             return Ok(0);
         }
         let batch: Vec<UsageDelta> = taken
+            .keys
             .iter()
             .flat_map(|(id, u)| {
                 u.buckets.iter().map(move |p| UsageDelta {
@@ -120,21 +126,32 @@ impl Usage {
         }
     }
 
-    fn restore(&self, taken: HashMap<String, KeyUsage>) {
+    fn restore(&self, taken: PendingSet) {
         let mut pending = self.inner.pending.lock().expect("usage lock poisoned");
-        for (id, u) in taken {
-            let full = pending.len() >= MAX_PENDING_KEYS;
-            match pending.get_mut(&id) {
+        pending.since = match (pending.since, taken.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        for (id, u) in taken.keys {
+            let full = pending.keys.len() >= MAX_PENDING_KEYS;
+            match pending.keys.get_mut(&id) {
                 Some(existing) => u.buckets.into_iter().for_each(|p| existing.add(p)),
                 None if full => {
                     let calls: i64 = u.buckets.iter().map(|p| p.calls).sum();
                     tracing::error!(key_id = %id, calls, "usage buffer full: dropping counts");
                 }
                 None => {
-                    pending.insert(id, u);
+                    pending.keys.insert(id, u);
                 }
             }
         }
+    }
+
+    /// How long the oldest unwritten count has waited, and how many keys have
+    /// counts pending; for the metrics.
+    pub fn lag(&self) -> (Duration, usize) {
+        let pending = self.inner.pending.lock().expect("usage lock poisoned");
+        (pending.since.map(|t| t.elapsed()).unwrap_or_default(), pending.keys.len())
     }
 
     /// Flushes every `interval` until `shutdown` turns true, then flushes once

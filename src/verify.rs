@@ -173,11 +173,13 @@ impl ChangeSink for Verifier {
 
     fn resync(&self) {
         Metrics::inc(&self.metrics.cache_resets);
+        self.metrics.change_notices_flowing.set(1);
         self.cache.clear();
         self.cache.set_notices_flowing(true);
     }
 
     fn notices_lost(&self) {
+        self.metrics.change_notices_flowing.set(0);
         self.cache.set_notices_flowing(false);
     }
 }

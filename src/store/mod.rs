@@ -84,6 +84,9 @@ pub trait Store: Send + Sync + 'static {
     /// Drops usage buckets older than `before`. Returns rows removed.
     async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64>;
 
+    /// Connections open and idle in this process's pool, for the metrics.
+    fn pool_stats(&self) -> PoolStats;
+
     /// Delivers notices of key changes made by other processes sharing this
     /// store, until `stop` turns true. A backend with no other writers (the
     /// embedded one) has nothing to deliver and just waits.
@@ -91,6 +94,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = sink;
         let _ = stop.wait_for(|s| *s).await;
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub size: u32,
+    pub idle: u32,
 }
 
 /// Receives change notices from [`Store::watch_changes`].
@@ -142,9 +151,10 @@ pub(crate) fn db_error(err: sqlx::Error) -> Error {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => Error::unavailable(err),
         sqlx::Error::Database(ref db)
-            // 57014 query_canceled (statement timeout), 57P01..03 shutdown, 53300 too many connections, 08xxx connection
+            // 57014 query_canceled (statement timeout), 57P01..03 shutdown, 53300 too many
+            // connections, 08xxx connection exceptions, 55000 database not accepting connections.
             if db.code().is_some_and(|c| {
-                c == "57014" || c.starts_with("57P") || c == "53300" || c.starts_with("08")
+                c == "57014" || c.starts_with("57P") || c == "53300" || c.starts_with("08") || c == "55000"
             }) =>
         {
             Error::unavailable(err)

@@ -1,6 +1,6 @@
 //! PostgreSQL backend: the production store, shared by every replica.
 
-use super::{AuditRecord, ChangeSink, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
 use crate::{
     error::{Error, Result},
     model::{
@@ -84,6 +84,10 @@ fn plan_from(s: &str) -> Result<Plan> {
 impl Store for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats { size: self.pool.size(), idle: self.pool.num_idle() as u32 }
     }
 
     async fn ping(&self) -> Result<()> {

@@ -2,7 +2,7 @@
 //! no setup. One process owns the file; writes that must be serialized (the
 //! plan-limit check) take SQLite's write lock up front with `BEGIN IMMEDIATE`.
 
-use super::{AuditRecord, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{AuditRecord, PoolStats, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
 use crate::{
     error::{Error, Result},
     model::{
@@ -120,6 +120,10 @@ fn plan_from(s: &str) -> Result<Plan> {
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn pool_stats(&self) -> PoolStats {
+        PoolStats { size: self.pool.size(), idle: self.pool.num_idle() as u32 }
     }
 
     async fn ping(&self) -> Result<()> {

@@ -142,6 +142,9 @@ pub fn serve_args(url: &str) -> ServeArgs {
         negative_cache_ttl_ms: 30_000,
         hash_queue: 1024,
         max_request_bytes: takumo_keys::limits::DEFAULT_MAX_REQUEST_BYTES,
+        metrics_listen: None,
+        shutdown_delay_ms: 0,
+        shutdown_timeout_ms: 5_000,
         log_format: LogFormat::Text,
         store: StoreArgs {
             database_url: SecretString::new(url),
@@ -165,6 +168,7 @@ pub struct TestApp {
     pub usage: Usage,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<takumo_keys::Result<()>>>,
     pub db: Arc<TestDb>,
@@ -183,6 +187,7 @@ impl TestApp {
         let usage = app.usage();
         let store = app.store();
         let metrics = app.metrics();
+        let metrics_addr = app.metrics_addr();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
@@ -195,6 +200,7 @@ impl TestApp {
             usage,
             store,
             metrics,
+            metrics_addr,
             stop: Some(tx),
             server: Some(server),
             db,
@@ -289,4 +295,91 @@ pub async fn expired_key(app: &TestApp, org: &str) -> String {
     };
     let (_, secret) = issue_key(&*app.store, &hasher, spec, &AuditContext::operator("alice")).await.unwrap();
     secret.into_exposed()
+}
+
+/// The real `takumo-keys` binary as a child process, for what only a process
+/// can show: signals, exit codes, exported telemetry. Killed when dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `takumo-keys serve` on a free port with `env`, and waits until
+    /// its health check answers SERVING (10 s deadline).
+    pub async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_takumo-keys"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TAKUMO_LISTEN", addr.to_string())
+            .env("DATABASE_URL", database_url)
+            .env("TAKUMO_PEPPER", PEPPER)
+            .env("TAKUMO_SERVICE_TOKENS", format!("dashboard={SERVICE_TOKEN}"))
+            .env("TAKUMO_ARGON2_MEMORY_KIB", "256")
+            .env("TAKUMO_ARGON2_ITERATIONS", "1")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null());
+        if std::env::var_os("TEST_LOG").is_none() {
+            cmd.stderr(std::process::Stdio::null());
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start takumo-keys");
+        let me = Self { child, addr };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if me.serving().await {
+                return me;
+            }
+            assert!(std::time::Instant::now() < deadline, "server did not become healthy in 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn serving(&self) -> bool {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await else {
+            return false;
+        };
+        HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+    }
+
+    pub async fn client(&self) -> ApiKeyServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
+        ApiKeyServiceClient::new(channel)
+    }
+
+    /// Sends SIGTERM, as an orchestrator stopping a pod would.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
+    /// Waits for the process to exit (10 s deadline) and returns its status.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "server did not exit in 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
