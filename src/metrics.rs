@@ -159,6 +159,9 @@ impl Default for Metrics {
             "Age of the oldest usage count not yet written (0 when none is pending)",
             m.usage_flush_lag_seconds.clone(),
         );
+        // Like the cache, start by assuming notices flow: the cache is empty,
+        // and the listener's first connect empties it again anyway.
+        m.change_notices_flowing.set(1);
         Self { registry, ..m }
     }
 }

@@ -192,6 +192,15 @@ impl TestApp {
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
+        // On PostgreSQL, wait for the change listener's first connect: it empties
+        // the cache, which would otherwise race the test's first verifications.
+        if db.url.starts_with("postgres") {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while Metrics::get(&metrics.cache_resets) == 0 {
+                assert!(std::time::Instant::now() < deadline, "change listener did not connect in 10 s");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
         // Lazy: a TLS server would refuse this plaintext channel; tests of TLS make their own.
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
         Self {
