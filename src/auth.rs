@@ -337,7 +337,7 @@ impl Authenticator {
                 Resolution::Malformed | Resolution::NotFound => {
                     return Err(unauth("the API key is invalid"));
                 }
-                Resolution::Key(key) => match crate::verify::decide(&key, &[], None, Utc::now()) {
+                Resolution::Key { key, .. } => match crate::verify::decide(&key, &[], None, Utc::now()) {
                     Ok(()) => Principal::Key(key),
                     Err(d) => {
                         return Err(Error::Unauthenticated(format!(

@@ -190,10 +190,10 @@ impl KeysService {
             Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
             pb::VerifyKeyResponse { valid: false, code: code as i32, ..Default::default() }
         };
-        let key = match self.verifier.resolve(&r.key).await? {
+        let (key, stale) = match self.verifier.resolve(&r.key).await? {
             Resolution::Malformed => return Ok(deny(pb::VerifyCode::Malformed)),
             Resolution::NotFound => return Ok(deny(pb::VerifyCode::NotFound)),
-            Resolution::Key(k) => k,
+            Resolution::Key { key, stale } => (key, stale),
         };
         telemetry::record("organization_id", &key.organization_id);
         telemetry::record("key_id", &key.id);
@@ -216,6 +216,7 @@ impl KeysService {
             scopes: key.scopes.clone(),
             missing_scopes,
             environment: pb::Environment::from(key.environment) as i32,
+            stale,
         })
     }
 

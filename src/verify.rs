@@ -5,7 +5,7 @@
 
 use crate::{
     cache::{Entry, Fingerprint, VerifyCache},
-    error::Result,
+    error::{Error, Result},
     hashing::Hasher,
     keys,
     metrics::Metrics,
@@ -16,7 +16,13 @@ use crate::{
     usage::Usage,
 };
 use chrono::{DateTime, Utc};
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 /// What a presented key turned out to be.
 #[derive(Debug)]
@@ -25,8 +31,9 @@ pub enum Resolution {
     Malformed,
     /// Well-formed, but no such key or a wrong secret; the two are not told apart.
     NotFound,
-    /// The secret was proven for this key (whatever its status).
-    Key(Arc<ApiKey>),
+    /// The secret was proven for this key (whatever its status). `stale`:
+    /// served from cache while the store could not confirm it (fail static).
+    Key { key: Arc<ApiKey>, stale: bool },
 }
 
 /// Why a resolved key does not pass, in the order they are checked.
@@ -64,6 +71,11 @@ pub fn decide(
     Ok(())
 }
 
+/// After a store failure, how long verifications skip the store and answer
+/// from cache (or fail fast) before trying it again: during an outage each
+/// call must not wait out a connection attempt.
+const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Verifier {
     store: Arc<dyn Store>,
@@ -71,6 +83,34 @@ pub struct Verifier {
     usage: Usage,
     cache: Arc<VerifyCache>,
     metrics: Arc<Metrics>,
+    breaker: Arc<Breaker>,
+}
+
+/// Remembers when the store last failed, as milliseconds since `start`
+/// (0: it has not failed since it last answered).
+struct Breaker {
+    start: Instant,
+    failed_at_ms: AtomicU64,
+}
+
+impl Breaker {
+    fn open(&self) -> bool {
+        let at = self.failed_at_ms.load(Ordering::Relaxed);
+        at != 0 && self.start.elapsed().as_millis() as u64 - at < STORE_RETRY_INTERVAL.as_millis() as u64
+    }
+
+    fn failed(&self, err: &Error) {
+        let now = (self.start.elapsed().as_millis() as u64).max(1);
+        if self.failed_at_ms.swap(now, Ordering::Relaxed) == 0 {
+            tracing::warn!(error = %crate::error::error_chain(err), "key store unreachable: verifying from cache (fail static)");
+        }
+    }
+
+    fn answered(&self) {
+        if self.failed_at_ms.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!("key store answers again");
+        }
+    }
 }
 
 impl Verifier {
@@ -81,7 +121,24 @@ impl Verifier {
         cache: Arc<VerifyCache>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { store, hasher, usage, cache, metrics }
+        let breaker = Arc::new(Breaker { start: Instant::now(), failed_at_ms: AtomicU64::new(0) });
+        Self { store, hasher, usage, cache, metrics, breaker }
+    }
+
+    /// Runs a store call, recording outages for the breaker.
+    async fn store_call<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        if self.breaker.open() {
+            return Err(Error::Unavailable {
+                message: "the key store is unavailable; retry with backoff".into(),
+                source: None,
+            });
+        }
+        let r = call.await;
+        match &r {
+            Err(e @ Error::Unavailable { .. }) => self.breaker.failed(e),
+            _ => self.breaker.answered(),
+        }
+        r
     }
 
     /// Resolves a presented key to the stored key it proves, counting one
@@ -94,17 +151,17 @@ impl Verifier {
         };
         let fp = self.cache.fingerprint(presented);
         if let Some(entry) = self.cache.get(&fp) {
-            let key = if self.cache.needs_refresh(&entry) {
+            let (key, stale) = if self.cache.needs_refresh(&entry) {
                 match self.refresh(fp, entry).await? {
-                    Some(k) => k,
+                    Some(found) => found,
                     None => return Ok(Resolution::NotFound),
                 }
             } else {
                 Metrics::inc(&self.metrics.cache_hits);
-                entry.key
+                (entry.key, false)
             };
             self.usage.record(&key, Utc::now());
-            return Ok(Resolution::Key(key));
+            return Ok(Resolution::Key { key, stale });
         }
         if self.cache.is_negative(&fp) {
             Metrics::inc(&self.metrics.negative_hits);
@@ -113,7 +170,7 @@ impl Verifier {
         Metrics::inc(&self.metrics.cache_misses);
         let epoch = self.cache.epoch();
         Metrics::inc(&self.metrics.store_key_reads);
-        let Some((key, stored)) = self.store.get_key_with_hash(parsed.id).await? else {
+        let Some((key, stored)) = self.store_call(self.store.get_key_with_hash(parsed.id)).await? else {
             self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         };
@@ -126,31 +183,39 @@ impl Verifier {
         let key = Arc::new(key);
         self.cache.insert(fp, key.clone(), epoch);
         self.usage.record(&key, Utc::now());
-        Ok(Resolution::Key(key))
+        Ok(Resolution::Key { key, stale: false })
     }
 
     /// Re-reads a cached key's record (no rehash: the secret was proven for
     /// this exact string). If the store cannot answer, the entry is served
     /// while younger than the stale window: verifications fail static.
-    async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<Arc<ApiKey>>> {
+    async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<(Arc<ApiKey>, bool)>> {
         Metrics::inc(&self.metrics.cache_refreshes);
-        Metrics::inc(&self.metrics.store_key_reads);
         let epoch = self.cache.epoch();
-        match self.store.get_key(&entry.key.id).await {
+        if !self.breaker.open() {
+            Metrics::inc(&self.metrics.store_key_reads);
+        }
+        match self.store_call(self.store.get_key(&entry.key.id)).await {
             Ok(Some(k)) => {
                 let k = Arc::new(k);
                 self.cache.insert(fp, k.clone(), epoch);
-                Ok(Some(k))
+                Ok(Some((k, false)))
             }
             Ok(None) => {
                 self.cache.invalidate(&entry.key.id);
                 Ok(None)
             }
-            Err(e) if entry.fetched_at.elapsed() <= self.cache.settings().stale_window => {
+            // Only an unreachable store is ridden out; anything else is a real error.
+            Err(Error::Unavailable { .. }) if entry.fetched_at.elapsed() <= self.cache.settings().stale_window => {
                 Metrics::inc(&self.metrics.cache_stale_served);
-                tracing::warn!(key_id = %entry.key.id, error = %e, "store unreachable: serving cached key (fail static)");
-                Ok(Some(entry.key))
+                Ok(Some((entry.key, true)))
             }
+            Err(Error::Unavailable { source, .. }) => Err(Error::Unavailable {
+                message: "the key store is unavailable and this key's cached record is older than the stale \
+                          window; retry with backoff"
+                    .into(),
+                source,
+            }),
             Err(e) => Err(e),
         }
     }

@@ -421,6 +421,9 @@ impl Store for PostgresStore {
         loop {
             let connect = async {
                 let mut l = PgListener::connect_with(&self.pool).await?;
+                // Report a lost connection at once instead of reconnecting
+                // inside try_recv: the gap must reach the cache right away.
+                l.eager_reconnect(false);
                 l.listen(CHANGE_CHANNEL).await?;
                 Ok::<_, sqlx::Error>(l)
             };

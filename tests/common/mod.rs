@@ -2,6 +2,8 @@
 //! SQLite file), and the real server on an ephemeral port with a tonic client.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
 use takumo_keys::{
@@ -38,6 +40,11 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A database someone else owns (e.g. a test's own cluster); nothing is dropped.
+    pub fn external(url: String) -> Self {
+        Self { url, pg_name: None, _dir: None }
+    }
+
     pub async fn new(backend: Backend) -> Self {
         match backend {
             Backend::Sqlite => {

@@ -1,0 +1,348 @@
+//! Faults made real: a database that stops and comes back, a server killed
+//! mid-write, a database too slow to answer, and races on one key or one
+//! plan limit. The outage tests run a PostgreSQL of their own.
+
+mod common;
+
+use common::{Backend, ServerProcess, TestApp, TestDb, as_service, cluster::PgCluster};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+use takumo_keys::{
+    metrics::Metrics,
+    proto::pb::{self, api_key_service_client::ApiKeyServiceClient, create_key_request::Scopes},
+};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+type Client = ApiKeyServiceClient<Channel>;
+
+async fn create(c: &mut Client, org: &str) -> Result<(String, String), tonic::Status> {
+    let r = c
+        .create_key(as_service(
+            pb::CreateKeyRequest {
+                organization_id: org.into(),
+                name: "storm".into(),
+                scopes: Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
+                ..Default::default()
+            },
+            "alice",
+        ))
+        .await?
+        .into_inner();
+    Ok((r.key.unwrap().id, r.secret))
+}
+
+async fn verify(c: &mut Client, key: &str) -> Result<pb::VerifyKeyResponse, tonic::Status> {
+    c.verify_key(as_service(pb::VerifyKeyRequest { key: key.into(), ..Default::default() }, "svc"))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn list(c: &mut Client) -> Result<pb::ListKeysResponse, tonic::Status> {
+    c.list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "a"))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn set_enterprise(c: &mut Client, org: &str) {
+    c.set_organization_plan(as_service(
+        pb::SetOrganizationPlanRequest { organization_id: org.into(), plan: pb::Plan::Enterprise as i32 },
+        "billing",
+    ))
+    .await
+    .unwrap();
+}
+
+/// Polls `check` every 50 ms until it holds, failing after `secs`.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn outage_app(pg: &PgCluster, stale_ms: u64) -> TestApp {
+    let db = Arc::new(TestDb::external(pg.url("postgres")));
+    TestApp::spawn_on(db, |url| {
+        let mut a = common::serve_args(url);
+        a.usage_flush_interval_ms = 200;
+        a.cache_stale_ms = stale_ms;
+        a.store.db_acquire_timeout_ms = 1_000;
+        a
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_fails_static_for_cached_keys_and_recovers_without_restart() {
+    let pg = PgCluster::start();
+    let app = outage_app(&pg, 300_000).await;
+    let mut c = app.client.clone();
+    set_enterprise(&mut c, "acme").await;
+    let (a_id, a) = create(&mut c, "acme").await.unwrap();
+    let (b_id, b) = create(&mut c, "acme").await.unwrap();
+    let valid_a = Arc::new(AtomicI64::new(0));
+    assert!(verify(&mut c, &a).await.unwrap().valid);
+    valid_a.fetch_add(1, Ordering::SeqCst);
+
+    // Load on key A throughout the outage: every answer must be VALID.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (mut c, a, stop, valid_a) = (c.clone(), a.clone(), stop.clone(), valid_a.clone());
+        tokio::spawn(async move {
+            let mut wrong = vec![];
+            while !stop.load(Ordering::SeqCst) {
+                match verify(&mut c, &a).await {
+                    Ok(r) if r.valid => {
+                        valid_a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => wrong.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            wrong
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Blocks this worker for the shutdown; the load runs on the other.
+    pg.stop();
+
+    // Warm keys keep verifying, flagged stale; cold keys and management are UNAVAILABLE.
+    let mut c2 = c.clone();
+    eventually(10, "a cached key answered stale during the outage", || {
+        let (mut c, a, valid_a) = (c2.clone(), a.clone(), valid_a.clone());
+        async move {
+            let r = verify(&mut c, &a).await.unwrap();
+            assert!(r.valid);
+            valid_a.fetch_add(1, Ordering::SeqCst);
+            r.stale
+        }
+    })
+    .await;
+    let e = verify(&mut c2, &b).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "cold key: {}", e.message());
+    let e = list(&mut c2).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "management: {}", e.message());
+    let health = HealthClient::new(Channel::from_shared(format!("http://{}", app.addr)).unwrap().connect_lazy());
+    eventually(10, "health NOT_SERVING while the store is down", || {
+        let mut h = health.clone();
+        async move {
+            h.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status()
+                == ServingStatus::NotServing
+        }
+    })
+    .await;
+    assert!(Metrics::get(&app.metrics.cache_stale_served) > 0);
+    assert!(Metrics::get(&app.metrics.usage_flush_failures) > 0, "usage was held, not written");
+
+    // The database returns: no restart of the service.
+    pg.restart();
+    eventually(15, "management calls work again", || {
+        let mut c = c.clone();
+        async move { list(&mut c).await.is_ok() }
+    })
+    .await;
+    eventually(15, "verifications are confirmed by the store again", || {
+        let (mut c, a, valid_a) = (c.clone(), a.clone(), valid_a.clone());
+        async move {
+            let r = verify(&mut c, &a).await.unwrap();
+            valid_a.fetch_add(1, Ordering::SeqCst);
+            !r.stale
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let wrong = load.await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} answers for a valid key were not VALID: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+
+    // Every acknowledged write is there, and every counted call was written.
+    for id in [&a_id, &b_id] {
+        c.get_key(as_service(pb::GetKeyRequest { id: id.clone() }, "a")).await.unwrap();
+    }
+    assert!(verify(&mut c, &b).await.unwrap().valid);
+    let want = valid_a.load(Ordering::SeqCst) + 1; // + b's verification just now
+    eventually(10, "usage counted through the outage is flushed", || {
+        let store = app.store.clone();
+        async move { store.key_stats("acme", chrono::Utc::now()).await.unwrap().api_calls_24h == want }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_keys_older_than_the_stale_window_are_unavailable_not_valid() {
+    let pg = PgCluster::start();
+    let app = outage_app(&pg, 300).await;
+    let mut c = app.client.clone();
+    let (_, a) = create(&mut c, "acme").await.unwrap();
+    assert!(verify(&mut c, &a).await.unwrap().valid);
+    pg.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let e = verify(&mut c, &a).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("stale window"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_create_storm_loses_no_acknowledged_key() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let mut server = ServerProcess::start(&db.url, &[]).await;
+    let mut c = server.client().await;
+    set_enterprise(&mut c, "storm").await;
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let storm: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut c, acked) = (c.clone(), acked.clone());
+            tokio::spawn(async move {
+                while let Ok((_, secret)) = create(&mut c, "storm").await {
+                    acked.lock().unwrap().push(secret);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.child.kill().unwrap(); // SIGKILL: no drain, no flush
+    let _ = server.child.wait();
+    for t in storm {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 5, "the storm created too little to prove anything ({})", acked.len());
+
+    let restarted = ServerProcess::start(&db.url, &[]).await;
+    let mut c = restarted.client().await;
+    for secret in &acked {
+        assert!(verify(&mut c, secret).await.unwrap().valid, "an acknowledged key was lost");
+    }
+    // No half-created key: the counter, the rows and the audit log agree.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE organization_id = 'storm'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let created: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE organization_id = 'storm' AND action = 'key.created'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let stats = c
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "storm".into() }, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rows >= acked.len() as i64);
+    assert_eq!((stats.total_keys, created), (rows, rows));
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_database_gives_unavailable_within_the_statement_timeout() {
+    let db = Arc::new(TestDb::new(Backend::Postgres).await);
+    let app = TestApp::spawn_on(db.clone(), |url| {
+        let mut a = common::serve_args(url);
+        a.store.db_statement_timeout_ms = 300;
+        a.store.db_acquire_timeout_ms = 500;
+        a
+    })
+    .await;
+    let mut c = app.client.clone();
+    let (id, secret) = create(&mut c, "acme").await.unwrap();
+
+    // Hold a lock that every key read and write waits on.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+    let started = Instant::now();
+    let e = c.get_key(as_service(pb::GetKeyRequest { id: id.clone() }, "a")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    let e = verify(&mut c, &secret).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "a cold verification: {}", e.message());
+    let e = create(&mut c, "acme").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // A bound, not a benchmark: nothing waited on the lock for long.
+    assert!(started.elapsed() < Duration::from_secs(10), "calls piled up behind the lock");
+    tx.rollback().await.unwrap();
+    c.get_key(as_service(pb::GetKeyRequest { id }, "a")).await.expect("works once the lock is gone");
+    pool.close().await;
+}
+
+async fn concurrent_toggles_and_deletes_of_one_key_end_consistent(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    for _round in 0..3 {
+        let (id, secret) = create(&mut c, "acme").await.unwrap();
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let (mut c, id) = (c.clone(), id.clone());
+                tokio::spawn(async move {
+                    let r = match i % 8 {
+                        0 => c.delete_key(as_service(pb::DeleteKeyRequest { id }, "a")).await.map(|_| ()),
+                        1 => c.revoke_key(as_service(pb::RevokeKeyRequest { id }, "a")).await.map(|_| ()),
+                        n => {
+                            let status = if n % 2 == 0 { pb::KeyStatus::Active } else { pb::KeyStatus::Disabled };
+                            c.set_key_status(as_service(pb::SetKeyStatusRequest { id, status: status as i32 }, "a"))
+                                .await
+                                .map(|_| ())
+                        }
+                    };
+                    match r {
+                        Ok(()) => Ok(()),
+                        Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => Ok(()),
+                        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        // Deletes were among the racers: the key is gone everywhere, for good.
+        let e = c.get_key(as_service(pb::GetKeyRequest { id: id.clone() }, "a")).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert_eq!(verify(&mut c, &secret).await.unwrap().code(), pb::VerifyCode::NotFound);
+    }
+    let stats = c
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.total_keys, stats.keys_counted), (3, 0));
+}
+
+async fn the_plan_limit_race_holds_every_time(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    for round in 0..3 {
+        let org = format!("race-{round}");
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (mut c, org) = (app.client.clone(), org.clone());
+                tokio::spawn(async move { create(&mut c, &org).await })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message()),
+            }
+        }
+        assert_eq!(ok, 3, "round {round}");
+    }
+}
+
+for_each_backend!(concurrent_toggles_and_deletes_of_one_key_end_consistent, the_plan_limit_race_holds_every_time);
