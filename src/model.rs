@@ -166,6 +166,13 @@ pub struct KeyStats {
     pub plan: Plan,
 }
 
+impl KeyStats {
+    /// Stats of an organization the store has never seen: Free, no keys, no calls.
+    pub fn unseen() -> Self {
+        Self { total_keys: 0, active_keys: 0, keys_counted: 0, api_calls_24h: 0, last_call_at: None, plan: Plan::Free }
+    }
+}
+
 /// Filters and position for `ListKeys`.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {

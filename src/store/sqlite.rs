@@ -390,14 +390,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db_error)?;
         let Some(row) = row else {
-            return Ok(KeyStats {
-                total_keys: 0,
-                active_keys: 0,
-                keys_counted: 0,
-                api_calls_24h: 0,
-                last_call_at: None,
-                plan: Plan::Free,
-            });
+            return Ok(KeyStats::unseen());
         };
         let plan: String = row.try_get("plan").map_err(db_error)?;
         Ok(KeyStats {
