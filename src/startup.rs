@@ -43,8 +43,15 @@ pub async fn open_store(
     hash_queue: usize,
     metrics: Arc<Metrics>,
 ) -> Result<(Arc<dyn Store>, Hasher)> {
-    let store = store::connect(args.database_url.expose(), &args.store_options()).await?;
+    // The pepper first: a configuration mistake should not wait on the database.
     let current = resolve_pepper(args).await?;
+    let store = store::connect(args.database_url.expose(), &args.store_options()).await.map_err(|e| match e {
+        Error::Unavailable { source, .. } => Error::Unavailable {
+            message: "DATABASE_URL: cannot reach the database (the URL is not shown: it may hold a password)".into(),
+            source,
+        },
+        e => e,
+    })?;
     let previous = args
         .previous_peppers
         .as_ref()

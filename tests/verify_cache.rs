@@ -204,7 +204,74 @@ for_each_backend!(
     expired_keys_are_refused_from_cache,
 );
 
+/// The same, with two real server processes: separate address spaces,
+/// separate pools, one database.
+async fn two_server_processes_agree_within_seconds() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let a = common::ServerProcess::start(&db.url, &[]).await;
+    let b = common::ServerProcess::start(&db.url, &[]).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let created = ca
+        .create_key(as_service(
+            pb::CreateKeyRequest {
+                organization_id: "acme".into(),
+                name: "gateway".into(),
+                scopes: Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
+                ..Default::default()
+            },
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (id, secret) = (created.key.unwrap().id, created.secret);
+    let code = |c: &mut pb::api_key_service_client::ApiKeyServiceClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        let secret = secret.clone();
+        async move {
+            c.verify_key(as_service(pb::VerifyKeyRequest { key: secret, ..Default::default() }, "svc"))
+                .await
+                .unwrap()
+                .into_inner()
+                .code()
+        }
+    };
+    assert_eq!(code(&mut cb).await, pb::VerifyCode::Valid);
+    for (change, want) in [
+        ("disable", pb::VerifyCode::Disabled),
+        ("revoke", pb::VerifyCode::Revoked),
+        ("delete", pb::VerifyCode::NotFound),
+    ] {
+        match change {
+            "disable" => {
+                ca.set_key_status(as_service(
+                    pb::SetKeyStatusRequest { id: id.clone(), status: pb::KeyStatus::Disabled as i32 },
+                    "alice",
+                ))
+                .await
+                .unwrap();
+            }
+            "revoke" => {
+                ca.revoke_key(as_service(pb::RevokeKeyRequest { id: id.clone() }, "alice")).await.unwrap();
+            }
+            _ => {
+                ca.delete_key(as_service(pb::DeleteKeyRequest { id: id.clone() }, "alice")).await.unwrap();
+            }
+        }
+        let start = Instant::now();
+        while code(&mut cb).await != want {
+            assert!(start.elapsed() < Duration::from_secs(5), "{change} on one process not seen by the other in 5 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 mod replicas {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_server_processes_agree_within_seconds() {
+        super::two_server_processes_agree_within_seconds().await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
         super::disable_revoke_and_delete_on_one_replica_reach_the_other().await
