@@ -58,6 +58,9 @@ impl Default for CacheSettings {
 pub struct Entry {
     pub key: Arc<ApiKey>,
     pub fetched_at: Instant,
+    /// A change notice named this key: its record must be re-read before it
+    /// is trusted again, and it is never served stale.
+    pub changed: bool,
 }
 
 pub struct VerifyCache {
@@ -105,7 +108,7 @@ impl VerifyCache {
 
     /// True when the entry must be re-read before it is trusted.
     pub fn needs_refresh(&self, e: &Entry) -> bool {
-        !self.notices_flowing.load(Ordering::Acquire) || e.fetched_at.elapsed() > self.settings.freshness
+        e.changed || !self.notices_flowing.load(Ordering::Acquire) || e.fetched_at.elapsed() > self.settings.freshness
     }
 
     pub fn is_negative(&self, fp: &Fingerprint) -> bool {
@@ -127,7 +130,7 @@ impl VerifyCache {
             return;
         }
         let id: Arc<str> = Arc::from(key.id.as_str());
-        self.positive.insert(fp, Entry { key, fetched_at: Instant::now() });
+        self.positive.insert(fp, Entry { key, fetched_at: Instant::now(), changed: false });
         self.by_id.insert(id, fp);
         // An invalidation that slipped in between is applied again.
         if self.epoch() != epoch {
@@ -135,8 +138,22 @@ impl VerifyCache {
         }
     }
 
-    /// Drops the entry of key `id`, if any.
+    /// Marks the entry of key `id`, if any, as changed: the next hit re-reads
+    /// its record (one indexed read, no argon2: the secret was proven for
+    /// that exact string and a change never touches it). A read already in
+    /// flight cannot put the old record back (see `epoch`).
     pub fn invalidate(&self, id: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(fp) = self.by_id.get(id)
+            && let Some(mut e) = self.positive.get(&fp)
+        {
+            e.changed = true;
+            self.positive.insert(fp, e);
+        }
+    }
+
+    /// Forgets key `id` entirely (it no longer exists).
+    pub fn remove(&self, id: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         if let Some(fp) = self.by_id.remove(id) {
             self.positive.invalidate(&fp);
@@ -190,12 +207,14 @@ mod tests {
     }
 
     #[test]
-    fn invalidation_by_id_removes_the_entry() {
+    fn invalidation_by_id_forces_a_reread_and_removal_forgets() {
         let c = VerifyCache::new(CacheSettings::default());
         let fp = c.fingerprint("k1");
         c.insert(fp, key("id1"), c.epoch());
-        assert!(c.get(&fp).is_some());
+        assert!(!c.needs_refresh(&c.get(&fp).unwrap()));
         c.invalidate("id1");
+        assert!(c.needs_refresh(&c.get(&fp).unwrap()));
+        c.remove("id1");
         assert!(c.get(&fp).is_none());
     }
 
@@ -204,7 +223,7 @@ mod tests {
         let c = VerifyCache::new(CacheSettings::default());
         let fp = c.fingerprint("k1");
         let epoch = c.epoch();
-        c.invalidate("id1");
+        c.remove("id1");
         c.insert(fp, key("id1"), epoch);
         assert!(c.get(&fp).is_none());
     }

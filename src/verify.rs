@@ -202,17 +202,20 @@ impl Verifier {
                 Ok(Some((k, false)))
             }
             Ok(None) => {
-                self.cache.invalidate(&entry.key.id);
+                self.cache.remove(&entry.key.id);
                 Ok(None)
             }
-            // Only an unreachable store is ridden out; anything else is a real error.
-            Err(Error::Unavailable { .. }) if entry.fetched_at.elapsed() <= self.cache.settings().stale_window => {
+            // Only an unreachable store is ridden out, and only for a key no
+            // notice said changed; anything else is a real error.
+            Err(Error::Unavailable { .. })
+                if !entry.changed && entry.fetched_at.elapsed() <= self.cache.settings().stale_window =>
+            {
                 Metrics::inc(&self.metrics.cache_stale_served);
                 Ok(Some((entry.key, true)))
             }
             Err(Error::Unavailable { source, .. }) => Err(Error::Unavailable {
-                message: "the key store is unavailable and this key's cached record is older than the stale \
-                          window; retry with backoff"
+                message: "the key store is unavailable and this key's cached record cannot stand in for it \
+                          (older than the stale window, or changed since); retry with backoff"
                     .into(),
                 source,
             }),

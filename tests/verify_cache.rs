@@ -112,6 +112,8 @@ async fn local_changes_take_effect_at_once(b: Backend) {
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
     c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Revoked);
+    // A change re-reads the record; the secret, proven once, is not hashed again.
+    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1);
     c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::NotFound);
 }
