@@ -10,9 +10,11 @@
 //! work.
 //!
 //! Invalidation is by key id: an index maps each id to the fingerprint of its
-//! one positive entry. Every invalidation bumps an epoch; a miss that started
-//! before an invalidation does not insert what it read, so a racing reader
-//! can never put back a record the invalidation just removed.
+//! one positive entry. Every invalidation bumps an epoch for that id's stripe
+//! (and `clear` a global one); a miss that started before an invalidation of
+//! its key does not insert what it read, so a racing reader can never put
+//! back a record the invalidation just removed. Epochs are striped by id so
+//! that steady changes to other keys never keep a new key out of the cache.
 
 use crate::model::ApiKey;
 use hmac::{Hmac, KeyInit, Mac};
@@ -28,6 +30,16 @@ use std::{
 };
 
 pub type Fingerprint = [u8; 32];
+
+/// Stripes of per-key epochs: enough that unrelated keys rarely share one.
+const EPOCH_STRIPES: usize = 1024;
+
+/// Where invalidations stood when a store read began; see [`VerifyCache::insert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    global: u64,
+    stripe: u64,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSettings {
@@ -69,7 +81,10 @@ pub struct VerifyCache {
     /// Key id → fingerprint of its positive entry, for invalidation by id.
     by_id: Cache<Arc<str>, Fingerprint>,
     negative: Cache<Fingerprint, ()>,
-    epoch: AtomicU64,
+    /// Bumped by `clear`.
+    global_epoch: AtomicU64,
+    /// Bumped by invalidations, one counter per stripe of key ids.
+    stripes: Box<[AtomicU64]>,
     /// False while change notices cannot arrive (listener down): every hit
     /// then re-reads its record, so a missed notice is never trusted away.
     notices_flowing: AtomicBool,
@@ -86,7 +101,8 @@ impl VerifyCache {
             positive: Cache::builder().max_capacity(capacity).build(),
             by_id: Cache::builder().max_capacity(capacity).build(),
             negative: Cache::builder().max_capacity(capacity).time_to_live(settings.negative_ttl).build(),
-            epoch: AtomicU64::new(0),
+            global_epoch: AtomicU64::new(0),
+            stripes: (0..EPOCH_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             notices_flowing: AtomicBool::new(true),
             settings,
         }
@@ -119,21 +135,27 @@ impl VerifyCache {
         self.negative.insert(fp, ());
     }
 
-    /// The epoch to pass to [`Self::insert`] after reading the store.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+    fn stripe(&self, id: &str) -> &AtomicU64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(id);
+        &self.stripes[(h % EPOCH_STRIPES as u64) as usize]
     }
 
-    /// Caches a proven key, unless an invalidation happened since `epoch`.
-    pub fn insert(&self, fp: Fingerprint, key: Arc<ApiKey>, epoch: u64) {
-        if self.epoch() != epoch {
+    /// The epoch of key `id`, to pass to [`Self::insert`] after reading the store.
+    pub fn epoch(&self, id: &str) -> Epoch {
+        Epoch { global: self.global_epoch.load(Ordering::Acquire), stripe: self.stripe(id).load(Ordering::Acquire) }
+    }
+
+    /// Caches a proven key, unless it (or everything) was invalidated since `epoch`.
+    pub fn insert(&self, fp: Fingerprint, key: Arc<ApiKey>, epoch: Epoch) {
+        let id: Arc<str> = Arc::from(key.id.as_str());
+        if self.epoch(&id) != epoch {
             return;
         }
-        let id: Arc<str> = Arc::from(key.id.as_str());
         self.positive.insert(fp, Entry { key, fetched_at: Instant::now(), changed: false });
-        self.by_id.insert(id, fp);
+        self.by_id.insert(id.clone(), fp);
         // An invalidation that slipped in between is applied again.
-        if self.epoch() != epoch {
+        if self.epoch(&id) != epoch {
             self.positive.invalidate(&fp);
         }
     }
@@ -143,7 +165,7 @@ impl VerifyCache {
     /// that exact string and a change never touches it). A read already in
     /// flight cannot put the old record back (see `epoch`).
     pub fn invalidate(&self, id: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.stripe(id).fetch_add(1, Ordering::AcqRel);
         if let Some(fp) = self.by_id.get(id)
             && let Some(mut e) = self.positive.get(&fp)
         {
@@ -154,7 +176,7 @@ impl VerifyCache {
 
     /// Forgets key `id` entirely (it no longer exists).
     pub fn remove(&self, id: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.stripe(id).fetch_add(1, Ordering::AcqRel);
         if let Some(fp) = self.by_id.remove(id) {
             self.positive.invalidate(&fp);
         }
@@ -162,7 +184,7 @@ impl VerifyCache {
 
     /// Drops every positive entry (negative ones cannot turn valid).
     pub fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.global_epoch.fetch_add(1, Ordering::AcqRel);
         self.positive.invalidate_all();
         self.by_id.invalidate_all();
     }
@@ -210,7 +232,7 @@ mod tests {
     fn invalidation_by_id_forces_a_reread_and_removal_forgets() {
         let c = VerifyCache::new(CacheSettings::default());
         let fp = c.fingerprint("k1");
-        c.insert(fp, key("id1"), c.epoch());
+        c.insert(fp, key("id1"), c.epoch("id1"));
         assert!(!c.needs_refresh(&c.get(&fp).unwrap()));
         c.invalidate("id1");
         assert!(c.needs_refresh(&c.get(&fp).unwrap()));
@@ -222,17 +244,25 @@ mod tests {
     fn a_read_that_raced_an_invalidation_is_not_cached() {
         let c = VerifyCache::new(CacheSettings::default());
         let fp = c.fingerprint("k1");
-        let epoch = c.epoch();
+        let epoch = c.epoch("id1");
         c.remove("id1");
         c.insert(fp, key("id1"), epoch);
         assert!(c.get(&fp).is_none());
+        // Steady changes to other keys do not keep this one out.
+        let epoch = c.epoch("id1");
+        let others = (0..500).map(|i| format!("other-{i}")).filter(|o| !std::ptr::eq(c.stripe(o), c.stripe("id1")));
+        for other in others {
+            c.invalidate(&other);
+        }
+        c.insert(fp, key("id1"), epoch);
+        assert!(c.get(&fp).is_some());
     }
 
     #[test]
     fn entries_need_refresh_while_notices_are_not_flowing() {
         let c = VerifyCache::new(CacheSettings::default());
         let fp = c.fingerprint("k1");
-        c.insert(fp, key("id1"), c.epoch());
+        c.insert(fp, key("id1"), c.epoch("id1"));
         let e = c.get(&fp).unwrap();
         assert!(!c.needs_refresh(&e));
         c.set_notices_flowing(false);

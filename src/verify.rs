@@ -168,7 +168,7 @@ impl Verifier {
             return Ok(Resolution::NotFound);
         }
         Metrics::inc(&self.metrics.cache_misses);
-        let epoch = self.cache.epoch();
+        let epoch = self.cache.epoch(parsed.id);
         Metrics::inc(&self.metrics.store_key_reads);
         let Some((key, stored)) = self.store_call(self.store.get_key_with_hash(parsed.id)).await? else {
             self.cache.insert_negative(fp);
@@ -191,7 +191,7 @@ impl Verifier {
     /// while younger than the stale window: verifications fail static.
     async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<(Arc<ApiKey>, bool)>> {
         Metrics::inc(&self.metrics.cache_refreshes);
-        let epoch = self.cache.epoch();
+        let epoch = self.cache.epoch(&entry.key.id);
         if !self.breaker.open() {
             Metrics::inc(&self.metrics.store_key_reads);
         }
