@@ -45,9 +45,16 @@ pub fn init(format: LogFormat) -> Telemetry {
         LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
     let provider = otlp_provider();
-    let otel_layer = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(SERVICE_NAME)));
+    // The per-RPC span is DEBUG: logs at the default level skip it (it costs
+    // the warm VerifyKey path several allocations), while the exporter, when
+    // configured, always receives it.
+    let otel_layer = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(SERVICE_NAME))
+            .with_filter(EnvFilter::new(format!("info,{}=debug", module_path!())))
+    });
     global::set_text_map_propagator(TraceContextPropagator::new());
-    let _ = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
+    let _ = tracing_subscriber::registry().with(fmt_layer.with_filter(filter)).with(otel_layer).try_init();
     if provider.is_some() {
         tracing::info!("exporting traces over OTLP");
     }
@@ -89,7 +96,7 @@ impl Extractor for HeaderExtractor<'_> {
 pub fn rpc_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
     let method = path.rsplit('/').next().unwrap_or(path);
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "rpc",
         otel.name = %path.trim_start_matches('/'),
         otel.kind = "server",
