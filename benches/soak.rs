@@ -35,13 +35,17 @@
 //! so it is lean: a few HTTP/2 connections, one task per in-flight request,
 //! per-task log-bucketed latency histograms merged at the end.
 
+mod support;
+
+use support::{cpu_model, fmt_dur, free_addr, interrupted, shell};
+
 use clap::Parser;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -222,14 +226,6 @@ fn main() {
     eprintln!("total {:.0?}", started.elapsed());
     if !report.all_met(&opts) {
         std::process::exit(1);
-    }
-}
-
-async fn interrupted() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 
@@ -1510,11 +1506,6 @@ impl Stats {
 // ---------------------------------------------------------------------------
 // Servers, database, /proc, metrics.
 
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr")
-}
-
 async fn connect(addr: SocketAddr, n: usize) -> Vec<Client> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -2323,44 +2314,6 @@ fn write_doc(path: &Path, generated: &str) {
 
 fn fmt_rps(r: f64) -> String {
     if r >= 100.0 { format!("{r:.0}") } else { format!("{r:.1}") }
-}
-
-fn fmt_dur(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1_000.0 {
-        format!("{us:.0} µs")
-    } else if us < 10_000.0 {
-        format!("{:.2} ms", us / 1e3)
-    } else if us < 100_000.0 {
-        format!("{:.1} ms", us / 1e3)
-    } else if us < 1_000_000.0 {
-        format!("{:.0} ms", us / 1e3)
-    } else {
-        format!("{:.2} s", us / 1e6)
-    }
-}
-
-fn shell(args: &[&str]) -> String {
-    Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "?".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn mem_total_gib() -> f64 {

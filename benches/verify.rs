@@ -27,12 +27,16 @@
 //! run with the same client. The server's own CPU time per request is read
 //! from /proc as a client-independent figure.
 
+mod support;
+
+use support::{cpu_model, fmt_dur, free_addr, interrupted, shell};
+
 use clap::Parser;
 use std::{
     fmt::Write as _,
     future::Future,
     io::Read as _,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -209,14 +213,6 @@ fn main() {
         eprintln!("wrote {}", opts.docs.display());
     }
     eprintln!("total {:.0?}", started.elapsed());
-}
-
-async fn interrupted() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 const ANALYSIS_PLACEHOLDER: &str = "## Analysis\n\n_To be filled in by the engineer: where the time goes, \
@@ -1099,11 +1095,6 @@ async fn connect(addr: SocketAddr, n: usize) -> Vec<Channel> {
 // ---------------------------------------------------------------------------
 // Server process, bootstrap, PostgreSQL database.
 
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr")
-}
-
 fn server_command(opts: &Opts, env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(&opts.server_bin);
     // Only our settings: drop any TAKUMO_* / DATABASE_URL / RUST_LOG from the caller.
@@ -1695,44 +1686,6 @@ fn render_doc(opts: &Opts, reports: &[BackendReport], total: Duration) -> String
 
 fn fmt_rps(r: f64) -> String {
     if r >= 100.0 { format!("{:.0}", r) } else { format!("{r:.1}") }
-}
-
-fn fmt_dur(d: Duration) -> String {
-    let us = d.as_secs_f64() * 1e6;
-    if us < 1_000.0 {
-        format!("{us:.0} µs")
-    } else if us < 10_000.0 {
-        format!("{:.2} ms", us / 1e3)
-    } else if us < 100_000.0 {
-        format!("{:.1} ms", us / 1e3)
-    } else if us < 1_000_000.0 {
-        format!("{:.0} ms", us / 1e3)
-    } else {
-        format!("{:.2} s", us / 1e6)
-    }
-}
-
-fn shell(args: &[&str]) -> String {
-    Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "?".into())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn git_description() -> String {
