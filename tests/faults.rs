@@ -12,29 +12,14 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use takumo_keys::{
-    metrics::Metrics,
-    proto::pb::{self, api_key_service_client::ApiKeyServiceClient, create_key_request::Scopes},
-};
+use takumo_keys::{metrics::Metrics, proto::pb};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-type Client = ApiKeyServiceClient<Channel>;
+use common::Client;
 
 async fn create(c: &mut Client, org: &str) -> Result<(String, String), tonic::Status> {
-    let r = c
-        .create_key(as_service(
-            pb::CreateKeyRequest {
-                organization_id: org.into(),
-                name: "storm".into(),
-                scopes: Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
-                ..Default::default()
-            },
-            "alice",
-        ))
-        .await?
-        .into_inner();
-    Ok((r.key.unwrap().id, r.secret))
+    common::create_read_only(c, org, None).await.map(|r| (r.key.unwrap().id, r.secret))
 }
 
 async fn verify(c: &mut Client, key: &str) -> Result<pb::VerifyKeyResponse, tonic::Status> {

@@ -12,24 +12,11 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use takumo_keys::proto::pb::{self, create_key_request::Scopes};
+use takumo_keys::proto::pb;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-async fn create(client: &mut pb::api_key_service_client::ApiKeyServiceClient<tonic::transport::Channel>) -> String {
-    client
-        .create_key(as_service(
-            pb::CreateKeyRequest {
-                organization_id: "acme".into(),
-                name: "gateway".into(),
-                scopes: Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
-                ..Default::default()
-            },
-            "alice",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
+async fn create(client: &mut common::Client) -> String {
+    common::create_read_only(client, "acme", None).await.unwrap().secret
 }
 
 fn verify_req(key: &str) -> tonic::Request<pb::VerifyKeyRequest> {

@@ -16,22 +16,7 @@ use takumo_keys::{
 };
 
 async fn create(app: &TestApp, org: &str, expires_at: Option<prost_types::Timestamp>) -> (pb::ApiKey, String) {
-    let r = app
-        .client
-        .clone()
-        .create_key(as_service(
-            pb::CreateKeyRequest {
-                organization_id: org.into(),
-                name: "gateway".into(),
-                scopes: Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
-                expires_at,
-                ..Default::default()
-            },
-            "alice",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = common::create_read_only(&mut app.client.clone(), org, expires_at).await.unwrap();
     (r.key.unwrap(), r.secret)
 }
 

@@ -399,3 +399,22 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+pub type Client = ApiKeyServiceClient<Channel>;
+
+/// Creates a read-only key in `org`, as the dashboard acting for alice.
+pub async fn create_read_only(
+    c: &mut Client,
+    org: &str,
+    expires_at: Option<prost_types::Timestamp>,
+) -> Result<takumo_keys::proto::pb::CreateKeyResponse, tonic::Status> {
+    use takumo_keys::proto::pb::{CreateKeyRequest, ScopePreset, create_key_request::Scopes};
+    let req = CreateKeyRequest {
+        organization_id: org.into(),
+        name: "gateway".into(),
+        scopes: Some(Scopes::Preset(ScopePreset::ReadOnly as i32)),
+        expires_at,
+        ..Default::default()
+    };
+    c.create_key(as_service(req, "alice")).await.map(|r| r.into_inner())
+}
