@@ -76,6 +76,10 @@ pub fn decide(
 /// call must not wait out a connection attempt.
 const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Keys whose first resolution can be coalesced at once; beyond it, misses
+/// still work, each on its own.
+const INFLIGHT_CAPACITY: u64 = 10_000;
+
 #[derive(Clone)]
 pub struct Verifier {
     store: Arc<dyn Store>,
@@ -84,6 +88,9 @@ pub struct Verifier {
     cache: Arc<VerifyCache>,
     metrics: Arc<Metrics>,
     breaker: Arc<Breaker>,
+    /// A lock per presented key being resolved, so concurrent misses of one
+    /// key share a single store read and argon2 verification.
+    inflight: Arc<moka::sync::Cache<Fingerprint, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Remembers when the store last failed, as milliseconds since `start`
@@ -122,7 +129,10 @@ impl Verifier {
         metrics: Arc<Metrics>,
     ) -> Self {
         let breaker = Arc::new(Breaker { start: Instant::now(), failed_at_ms: AtomicU64::new(0) });
-        Self { store, hasher, usage, cache, metrics, breaker }
+        let inflight = Arc::new(
+            moka::sync::Cache::builder().max_capacity(INFLIGHT_CAPACITY).time_to_idle(Duration::from_secs(10)).build(),
+        );
+        Self { store, hasher, usage, cache, metrics, breaker, inflight }
     }
 
     /// Runs a store call, recording outages for the breaker.
@@ -162,6 +172,19 @@ impl Verifier {
             };
             self.usage.record(&key, Utc::now());
             return Ok(Resolution::Key { key, stale });
+        }
+        if self.cache.is_negative(&fp) {
+            Metrics::inc(&self.metrics.negative_hits);
+            return Ok(Resolution::NotFound);
+        }
+        // One miss per presented key at a time: concurrent first sights wait
+        // for the first one's answer instead of each running argon2.
+        let gate = self.inflight.get_with(fp, || Arc::new(tokio::sync::Mutex::new(())));
+        let _turn = gate.lock().await;
+        if let Some(entry) = self.cache.get(&fp).filter(|e| !self.cache.needs_refresh(e)) {
+            Metrics::inc(&self.metrics.cache_hits);
+            self.usage.record(&entry.key, Utc::now());
+            return Ok(Resolution::Key { key: entry.key, stale: false });
         }
         if self.cache.is_negative(&fp) {
             Metrics::inc(&self.metrics.negative_hits);

@@ -83,6 +83,29 @@ async fn repeated_bad_keys_cost_no_database_or_argon2_work(b: Backend) {
     assert_eq!(Metrics::get(&app.metrics.negative_hits), 4);
 }
 
+async fn concurrent_first_sights_of_a_key_share_one_argon2_verification(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (_, secret) = create(&app, "acme", None).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, secret) = (app.client.clone(), secret.clone());
+            tokio::spawn(async move {
+                let mut c = c;
+                c.verify_key(as_service(pb::VerifyKeyRequest { key: secret, ..Default::default() }, "svc"))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .code()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), pb::VerifyCode::Valid);
+    }
+    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1);
+    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 1);
+}
+
 async fn local_changes_take_effect_at_once(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (key, secret) = create(&app, "acme", None).await;
@@ -185,6 +208,7 @@ async fn usage_from_two_replicas_adds_up() {
 }
 
 for_each_backend!(
+    concurrent_first_sights_of_a_key_share_one_argon2_verification,
     warm_verifications_read_nothing_from_the_store,
     repeated_bad_keys_cost_no_database_or_argon2_work,
     local_changes_take_effect_at_once,
