@@ -37,7 +37,7 @@
 
 mod support;
 
-use support::{cpu_model, fmt_dur, free_addr, interrupted, shell};
+use support::{PgDatabase, cpu_model, fmt_dur, free_addr, interrupted, shell};
 
 use clap::Parser;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
@@ -235,7 +235,7 @@ fn main() {
 async fn run(opts: &Opts, mix: Mix) -> Report {
     let tmp = tempfile::Builder::new().prefix("takumo-soak-").tempdir().expect("tempdir");
     // Declared before the servers, so it is dropped (the database dropped) after them.
-    let db = PgDatabase::create(opts);
+    let db = PgDatabase::create("takumo_soak", &opts.pg_host, opts.pg_port, &opts.pg_user);
     let pg_version = db.psql("SHOW server_version");
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), db.url()),
@@ -1622,61 +1622,6 @@ impl Drop for Server {
 fn stop_all(servers: &mut [Server]) -> Vec<Option<ExitStatus>> {
     servers.iter().for_each(Server::signal_term);
     servers.iter_mut().map(|s| s.reap(Duration::from_secs(25))).collect()
-}
-
-/// A fresh PostgreSQL database for one run; dropped on drop.
-struct PgDatabase {
-    host: String,
-    port: u16,
-    user: String,
-    name: String,
-}
-
-impl PgDatabase {
-    fn create(opts: &Opts) -> Self {
-        let db = PgDatabase {
-            host: opts.pg_host.clone(),
-            port: opts.pg_port,
-            user: opts.pg_user.clone(),
-            name: format!(
-                "takumo_soak_{}_{}",
-                std::process::id(),
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
-            ),
-        };
-        db.psql(&format!("CREATE DATABASE {}", db.name));
-        db
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://{}@{}:{}/{}?sslmode=disable", self.user, self.host, self.port, self.name)
-    }
-
-    fn psql_command(&self) -> Command {
-        let mut cmd = Command::new("psql");
-        cmd.args(["-h", &self.host, "-p", &self.port.to_string(), "-U", &self.user, "-d", "postgres"])
-            .env("PGSSLMODE", "disable")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Runs SQL against the `postgres` maintenance database.
-    fn psql(&self, sql: &str) -> String {
-        let out = self.psql_command().args(["-v", "ON_ERROR_STOP=1", "-Atc", sql]).output().expect("run psql");
-        assert!(out.status.success(), "psql `{sql}` failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let _ = self
-            .psql_command()
-            .args(["-qAtc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), Linux only.

@@ -29,7 +29,7 @@
 
 mod support;
 
-use support::{cpu_model, fmt_dur, free_addr, interrupted, shell};
+use support::{PgDatabase, cpu_model, fmt_dur, free_addr, interrupted, shell};
 
 use clap::Parser;
 use std::{
@@ -271,8 +271,8 @@ async fn run_backend(backend: Backend, opts: &Opts) -> BackendReport {
             env.push(("DATABASE_URL".into(), format!("sqlite://{}", db.display())));
         }
         Backend::Postgres => {
-            let db = PgDatabase::create(opts);
-            env.push(("DATABASE_URL".into(), db.url(&opts.pg_host, opts.pg_port)));
+            let db = PgDatabase::create("takumo_bench", &opts.pg_host, opts.pg_port, &opts.pg_user);
+            env.push(("DATABASE_URL".into(), db.url()));
             env.push(("TAKUMO_PEPPER".into(), PG_PEPPER.into()));
             pg = Some(db);
         }
@@ -283,7 +283,7 @@ async fn run_backend(backend: Backend, opts: &Opts) -> BackendReport {
     let bootstrap_key = bootstrap(opts, &env);
     if let Some(db) = pg.as_ref().filter(|_| !opts.no_pg_proxy) {
         let (proxy_addr, c) = pg_proxy::start(&opts.pg_host, opts.pg_port);
-        let url = db.url(&proxy_addr.ip().to_string(), proxy_addr.port());
+        let url = db.url_via(&proxy_addr.ip().to_string(), proxy_addr.port());
         env.iter_mut().filter(|(k, _)| k == "DATABASE_URL").for_each(|(_, v)| *v = url.clone());
         counter = Some(c);
     }
@@ -1193,61 +1193,6 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// A fresh PostgreSQL database for one run; dropped on drop.
-struct PgDatabase {
-    host: String,
-    port: u16,
-    user: String,
-    name: String,
-}
-
-impl PgDatabase {
-    fn create(opts: &Opts) -> Self {
-        let db = PgDatabase {
-            host: opts.pg_host.clone(),
-            port: opts.pg_port,
-            user: opts.pg_user.clone(),
-            name: format!(
-                "takumo_bench_{}_{}",
-                std::process::id(),
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis())
-            ),
-        };
-        db.psql(&format!("CREATE DATABASE {}", db.name));
-        db
-    }
-
-    fn url(&self, host: &str, port: u16) -> String {
-        format!("postgres://{}@{host}:{port}/{}?sslmode=disable", self.user, self.name)
-    }
-
-    /// Runs SQL against the `postgres` maintenance database.
-    fn psql(&self, sql: &str) -> String {
-        let out = Command::new("psql")
-            .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", &self.user, "-d", "postgres"])
-            .args(["-v", "ON_ERROR_STOP=1", "-Atc", sql])
-            .env("PGSSLMODE", "disable")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql");
-        assert!(out.status.success(), "psql `{sql}` failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", &self.host, "-p", &self.port.to_string(), "-U", &self.user, "-d", "postgres"])
-            .args(["-qAtc", &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)])
-            .env("PGSSLMODE", "disable")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
     }
 }
 
