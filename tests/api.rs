@@ -64,6 +64,16 @@ fn code_of(r: &pb::VerifyKeyResponse) -> pb::VerifyCode {
     r.code()
 }
 
+/// The dashboard's summary of `org`, as the service sees it now.
+async fn key_stats(app: &TestApp, org: &str) -> pb::KeyStats {
+    app.client
+        .clone()
+        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: org.into() }, "a"))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn set_plan(app: &TestApp, org: &str, plan: pb::Plan) {
     app.client
         .clone()
@@ -193,13 +203,7 @@ async fn over_the_plan_limit_create_is_resource_exhausted(b: Backend) {
     set_plan(&app, "acme", pb::Plan::Developer).await;
     create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
     set_plan(&app, "acme", pb::Plan::Free).await;
-    let stats = app
-        .client
-        .clone()
-        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = key_stats(&app, "acme").await;
     assert_eq!((stats.active_keys, stats.keys_counted, stats.key_limit), (4, 4, 3));
     assert_eq!(stats.plan(), pb::Plan::Free);
 }
@@ -229,13 +233,7 @@ async fn fifty_concurrent_creates_on_free_yield_exactly_three_keys(b: Backend) {
             }
         }
         assert_eq!(ok, 3, "round {round}");
-        let stats = app
-            .client
-            .clone()
-            .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: org }, "a"))
-            .await
-            .unwrap()
-            .into_inner();
+        let stats = key_stats(&app, &org).await;
         assert_eq!((stats.total_keys, stats.keys_counted), (3, 3));
     }
 }
@@ -339,11 +337,7 @@ async fn deleted_key_stops_verifying_and_still_counts_in_total_keys(b: Backend) 
     let err = c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     app.usage.flush().await.unwrap();
-    let stats = c
-        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = key_stats(&app, "acme").await;
     assert_eq!((stats.total_keys, stats.active_keys), (2, 1));
     assert_eq!(stats.api_calls_24h, 1, "the deleted key's call still counts");
 }
@@ -458,22 +452,14 @@ async fn verifications_count_in_stats_and_last_used(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
-    let stats = c
-        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = key_stats(&app, "acme").await;
     assert_eq!((stats.api_calls_24h, stats.last_call_at), (0, None));
     for _ in 0..7 {
         assert!(verify(&app, &secret, &[], None).await.valid);
     }
     verify(&app, "tk_live_garbage", &[], None).await;
     app.usage.flush().await.unwrap();
-    let stats = c
-        .get_key_stats(as_service(pb::GetKeyStatsRequest { organization_id: "acme".into() }, "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = key_stats(&app, "acme").await;
     assert_eq!(stats.api_calls_24h, 7);
     assert!(stats.last_call_at.is_some());
     let got = c.get_key(as_service(pb::GetKeyRequest { id: key.id }, "a")).await.unwrap().into_inner();
