@@ -11,10 +11,16 @@
 //!
 //! Invalidation is by key id: an index maps each id to the fingerprint of its
 //! one positive entry. Every invalidation bumps an epoch for that id's stripe
-//! (and `clear` a global one); a miss that started before an invalidation of
-//! its key does not insert what it read, so a racing reader can never put
+//! (and a resync the global one); a miss that started before an invalidation
+//! of its key does not insert what it read, so a racing reader can never put
 //! back a record the invalidation just removed. Epochs are striped by id so
 //! that steady changes to other keys never keep a new key out of the cache.
+//!
+//! A resync (notices flow again after a gap) drops nothing: it bumps the
+//! global epoch, and every entry read before it needs a re-read. The re-read
+//! costs one indexed lookup and no argon2, and if the store fails again the
+//! entry can still be served within the stale window: a listener reconnect
+//! never turns a warm cache cold.
 
 use crate::model::ApiKey;
 use hmac::{Hmac, KeyInit, Mac};
@@ -73,6 +79,10 @@ pub struct Entry {
     /// A change notice named this key: its record must be re-read before it
     /// is trusted again, and it is never served stale.
     pub changed: bool,
+    /// The global epoch when the record was read: an entry older than the
+    /// last resync must be re-read (but, unlike `changed`, may be served
+    /// stale while the store cannot answer).
+    global_epoch: u64,
 }
 
 pub struct VerifyCache {
@@ -81,7 +91,7 @@ pub struct VerifyCache {
     /// Key id → fingerprint of its positive entry, for invalidation by id.
     by_id: Cache<Arc<str>, Fingerprint>,
     negative: Cache<Fingerprint, ()>,
-    /// Bumped by `clear`.
+    /// Bumped by `mark_all_for_reread`.
     global_epoch: AtomicU64,
     /// Bumped by invalidations, one counter per stripe of key ids.
     stripes: Box<[AtomicU64]>,
@@ -124,7 +134,10 @@ impl VerifyCache {
 
     /// True when the entry must be re-read before it is trusted.
     pub fn needs_refresh(&self, e: &Entry) -> bool {
-        e.changed || !self.notices_flowing.load(Ordering::Acquire) || e.fetched_at.elapsed() > self.settings.freshness
+        e.changed
+            || !self.notices_flowing.load(Ordering::Acquire)
+            || e.global_epoch != self.global_epoch.load(Ordering::Acquire)
+            || e.fetched_at.elapsed() > self.settings.freshness
     }
 
     pub fn is_negative(&self, fp: &Fingerprint) -> bool {
@@ -152,7 +165,7 @@ impl VerifyCache {
         if self.epoch(&id) != epoch {
             return;
         }
-        self.positive.insert(fp, Entry { key, fetched_at: Instant::now(), changed: false });
+        self.positive.insert(fp, Entry { key, fetched_at: Instant::now(), changed: false, global_epoch: epoch.global });
         self.by_id.insert(id.clone(), fp);
         // An invalidation that slipped in between is applied again.
         if self.epoch(&id) != epoch {
@@ -182,11 +195,13 @@ impl VerifyCache {
         }
     }
 
-    /// Drops every positive entry (negative ones cannot turn valid).
-    pub fn clear(&self) {
+    /// After a gap in change notices anything may have changed: every entry
+    /// read before now needs a re-read, and reads still in flight are not
+    /// cached. Entries are kept, so the re-read needs no argon2 and a store
+    /// that fails again can still be ridden out (fail static). Negative
+    /// entries stay: a wrong secret cannot turn valid.
+    pub fn mark_all_for_reread(&self) {
         self.global_epoch.fetch_add(1, Ordering::AcqRel);
-        self.positive.invalidate_all();
-        self.by_id.invalidate_all();
     }
 
     /// Records whether change notices are arriving; see `notices_flowing`.
@@ -256,6 +271,24 @@ mod tests {
         }
         c.insert(fp, key("id1"), epoch);
         assert!(c.get(&fp).is_some());
+    }
+
+    #[test]
+    fn a_resync_keeps_entries_but_makes_each_one_re_read_once() {
+        let c = VerifyCache::new(CacheSettings::default());
+        let fp = c.fingerprint("k1");
+        c.insert(fp, key("id1"), c.epoch("id1"));
+        let in_flight = c.epoch("id1");
+        c.mark_all_for_reread();
+        let e = c.get(&fp).expect("a resync keeps the entry");
+        assert!(c.needs_refresh(&e));
+        assert!(!e.changed, "a resync is no change notice: the entry may still be served stale");
+        // A read that began before the resync does not count as the re-read.
+        c.insert(fp, key("id1"), in_flight);
+        assert!(c.needs_refresh(&c.get(&fp).unwrap()));
+        // A re-read after it does.
+        c.insert(fp, key("id1"), c.epoch("id1"));
+        assert!(!c.needs_refresh(&c.get(&fp).unwrap()));
     }
 
     #[test]

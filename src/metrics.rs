@@ -60,7 +60,7 @@ pub struct Metrics {
     pub usage_flush_failures: Counter,
     /// Cache entries dropped by invalidations (one per notice or local change).
     pub invalidations: Counter,
-    /// Times the whole cache was emptied (listener reconnects).
+    /// Times every cached key was marked for a re-read (listener reconnects).
     pub cache_resets: Counter,
     // Gauges set from their sources just before each scrape.
     pub cache_entries: Gauge,
@@ -133,7 +133,7 @@ impl Default for Metrics {
             ("usage_flush_rows", "Usage rows (key x minute) written", &m.usage_flush_rows),
             ("usage_flush_failures", "Usage flushes that failed and were kept for retry", &m.usage_flush_failures),
             ("cache_invalidations", "Cache entries dropped by change notices or local changes", &m.invalidations),
-            ("cache_resets", "Times the cache was emptied after missed notices", &m.cache_resets),
+            ("cache_resets", "Times every cached key was marked for a re-read after a gap in change notices", &m.cache_resets),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());

@@ -262,10 +262,14 @@ impl ChangeSink for Verifier {
         self.invalidate(id);
     }
 
+    /// The listener reconnected, which proves the store answers: close the
+    /// breaker, so cached keys are re-read now instead of failing fast for the
+    /// rest of its interval, and mark every entry for that re-read.
     fn resync(&self) {
         Metrics::inc(&self.metrics.cache_resets);
+        self.breaker.answered();
+        self.cache.mark_all_for_reread();
         self.metrics.change_notices_flowing.set(1);
-        self.cache.clear();
         self.cache.set_notices_flowing(true);
     }
 

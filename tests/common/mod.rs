@@ -199,8 +199,9 @@ impl TestApp {
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
-        // On PostgreSQL, wait for the change listener's first connect: it empties
-        // the cache, which would otherwise race the test's first verifications.
+        // On PostgreSQL, wait for the change listener's first connect: it marks
+        // the cache for re-reads, which would otherwise race the test's first
+        // verifications and their store-read counts.
         if db.url.starts_with("postgres") {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while Metrics::get(&metrics.cache_resets) == 0 {
