@@ -8,14 +8,14 @@
 use crate::{
     error::{Error, Result},
     keys,
-    model::{ApiKey, AuditContext},
+    model::{ApiKey, AuditContext, Environment},
     scopes,
     secret::SecretString,
     tls::CertServices,
     validate,
     verify::{Resolution, Verifier},
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
@@ -165,12 +165,84 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may see `key` at all; if not, it is NOT_FOUND.
+    /// Whether the caller may see `key` at all; if not, it is NOT_FOUND. An
+    /// API key sees its own organization's keys of its own environment only:
+    /// a test key cannot reach live keys (as in Stripe's test mode).
     pub fn can_see(&self, key: &ApiKey) -> bool {
         match &self.principal {
             Principal::Service { .. } => true,
-            Principal::Key(own) => own.organization_id == key.organization_id,
+            Principal::Key(own) => own.organization_id == key.organization_id && own.environment == key.environment,
         }
+    }
+
+    /// The environment an API-key caller is confined to; `None` for services.
+    pub fn environment(&self) -> Option<Environment> {
+        match &self.principal {
+            Principal::Service { .. } => None,
+            Principal::Key(own) => Some(own.environment),
+        }
+    }
+
+    /// The environment of a new key: what was asked for, else the caller's
+    /// own (live for service tokens). An API key cannot create a key of the
+    /// other environment.
+    pub fn new_key_environment(&self, requested: Option<Environment>) -> Result<Environment> {
+        match (self.environment(), requested) {
+            (None, r) => Ok(r.unwrap_or(Environment::Live)),
+            (Some(own), None) => Ok(own),
+            (Some(own), Some(r)) if r == own => Ok(r),
+            (Some(own), Some(r)) => Err(Error::PermissionDenied(format!(
+                "an API key acts in its own environment only: this {} key cannot create {} keys",
+                own.as_str(),
+                r.as_str()
+            ))),
+        }
+    }
+
+    /// The expiry of a new key. A key made by an API key never outlives it:
+    /// with none requested it inherits the caller key's expiry, and a later
+    /// one is refused.
+    pub fn new_key_expiry(&self, requested: Option<DateTime<Utc>>) -> Result<Option<DateTime<Utc>>> {
+        let Principal::Key(own) = &self.principal else {
+            return Ok(requested);
+        };
+        match (own.expires_at, requested) {
+            (None, r) => Ok(r),
+            (Some(limit), None) => Ok(Some(limit)),
+            (Some(limit), Some(r)) if r <= limit => Ok(Some(r)),
+            (Some(limit), Some(_)) => Err(Error::invalid(format!(
+                "expires_at must not be later than the calling key's own expiry ({}): a key cannot outlive the key \
+                 that made it",
+                limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))),
+        }
+    }
+
+    /// Setting a key ACTIVE grants its power again, so an API key may do it
+    /// only for a key it could have created: its own scopes cover the
+    /// target's and the target does not outlive it.
+    pub fn ensure_can_enable(&self, target: &ApiKey) -> Result<()> {
+        let Principal::Key(own) = &self.principal else {
+            return Ok(());
+        };
+        let missing = scopes::missing(&own.scopes, &target.scopes);
+        if !missing.is_empty() {
+            return Err(Error::PermissionDenied(format!(
+                "re-enabling key {} would grant scopes this API key does not hold: {}",
+                target.id,
+                missing.join(", ")
+            )));
+        }
+        if let Some(limit) = own.expires_at
+            && target.expires_at.is_none_or(|t| t > limit)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "re-enabling key {} would let it outlive this API key, which expires at {}",
+                target.id,
+                limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )));
+        }
+        Ok(())
     }
 
     /// A key may manage keys its own member created; others need `api_keys.manage_all`.
@@ -340,15 +412,8 @@ impl Authenticator {
                 Resolution::Key { key, .. } => match crate::verify::decide(&key, &[], None, Utc::now()) {
                     Ok(()) => Principal::Key(key),
                     Err(d) => {
-                        return Err(Error::Unauthenticated(format!(
-                            "the API key is {}",
-                            match d {
-                                crate::verify::Denial::Revoked => "revoked",
-                                crate::verify::Denial::Disabled => "disabled",
-                                crate::verify::Denial::Expired => "expired",
-                                _ => "not usable",
-                            }
-                        )));
+                        self.verifier.refused(&d);
+                        return Err(Error::Unauthenticated(format!("the API key is {}", d.code_name())));
                     }
                 },
             }

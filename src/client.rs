@@ -121,8 +121,9 @@ impl KeysClient {
             return Ok(Verdict::Denied(Denial { code: r.code(), missing_scopes: r.missing_scopes }));
         }
         // A test key read as a live one would be worse than no answer.
-        let environment = proto::environment(r.environment)
-            .map_err(|_| Status::internal(format!("the keys service sent an unknown environment {}", r.environment)))?;
+        let environment = proto::environment(r.environment).ok().flatten().ok_or_else(|| {
+            Status::internal(format!("the keys service sent no known environment ({})", r.environment))
+        })?;
         Ok(Verdict::Valid(VerifiedKey {
             key_id: r.key_id,
             organization_id: r.organization_id,

@@ -166,8 +166,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TAKUMO_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// Client-certificate subjects that are service principals under mutual TLS:
-    /// `spiffe://takumo/billing=billing,CN=dashboard=dashboard` (DNS/URI SAN or CN=…).
+    /// Client-certificate identities that are service principals under mutual TLS,
+    /// each typed by the one certificate field it matches:
+    /// `uri:spiffe://takumo/billing=billing,dns:dashboard.internal=dashboard,cn:support=support`.
     #[arg(long, env = "TAKUMO_MTLS_SERVICES", requires = "tls_client_ca")]
     pub mtls_services: Option<String>,
 

@@ -72,15 +72,18 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        use tonic::Status;
+        use tonic::{Code, Status};
+        // Messages may quote caller input: whatever field a key was pasted
+        // into, no more than its public prefix leaves here.
+        let status = |code: Code, m: &str| Status::new(code, crate::keys::redact_keys(m));
         match err {
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
-            Error::NotFound(m) => Status::not_found(m),
-            Error::Unauthenticated(m) => Status::unauthenticated(m),
-            Error::PermissionDenied(m) => Status::permission_denied(m),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::InvalidArgument(m) => status(Code::InvalidArgument, &m),
+            Error::NotFound(m) => status(Code::NotFound, &m),
+            Error::Unauthenticated(m) => status(Code::Unauthenticated, &m),
+            Error::PermissionDenied(m) => status(Code::PermissionDenied, &m),
+            Error::FailedPrecondition(m) => status(Code::FailedPrecondition, &m),
             e @ Error::LimitExceeded { .. } => Status::resource_exhausted(e.to_string()),
-            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::ResourceExhausted(m) => status(Code::ResourceExhausted, &m),
             e @ Error::Unavailable { .. } => {
                 tracing::warn!(error = %error_chain(&e), "store unavailable");
                 match e {

@@ -157,6 +157,7 @@ impl Hasher {
 
     /// Hashes `material` with the current pepper and a fresh random salt.
     pub async fn hash(&self, material: SecretString) -> Result<StoredHash> {
+        Metrics::inc(&self.inner.metrics.argon2_hashes);
         let pepper_id = self.inner.current_id.clone();
         self.run(move |set| {
             set.current()

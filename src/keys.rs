@@ -140,6 +140,32 @@ pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
     })
 }
 
+/// Cuts every key-like run in `text` (a `tk_live_`/`tk_test_` prefix and the
+/// base62 characters after it) to its 16-character public prefix, so a
+/// message that quotes caller input never carries a key's secret, whatever
+/// field the key was pasted into.
+pub fn redact_keys(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("tk_live_") && !text.contains("tk_test_") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["tk_live_", "tk_test_"].iter().filter_map(|p| rest.find(p)).min() {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let run = ENV_PREFIX_LEN + from[ENV_PREFIX_LEN..].bytes().take_while(u8::is_ascii_alphanumeric).count();
+        if run > DISPLAY_PREFIX_LEN {
+            out.push_str(&from[..DISPLAY_PREFIX_LEN]);
+            out.push('…');
+        } else {
+            out.push_str(&from[..run]);
+        }
+        rest = &from[run..];
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
 /// True when `id` has the shape of a key id, so lookups of garbage ids can be
 /// answered without touching the store.
 pub fn is_valid_id(id: &str) -> bool {
@@ -182,6 +208,18 @@ mod tests {
                 assert!(parse(&t).is_none(), "accepted a typo at {i}");
             }
         }
+    }
+
+    #[test]
+    fn redaction_keeps_at_most_the_public_prefix_of_any_key_like_run() {
+        let k = generate(Environment::Live);
+        let full = k.full.expose();
+        let msg = format!("organization {full} not found; scopes \"{full}\", {full}");
+        let out = redact_keys(&msg);
+        assert!(!out.contains(k.secret_part()) && !out.contains(&full[16..20]), "{out}");
+        assert_eq!(out.matches(&full[..16]).count(), 3, "{out}");
+        assert_eq!(redact_keys("tk_live_short"), "tk_live_short");
+        assert_eq!(redact_keys("no key here"), "no key here");
     }
 
     #[test]

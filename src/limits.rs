@@ -1,6 +1,66 @@
 //! Request size limits at the transport edge.
 
-use tonic::codegen::http::{HeaderValue, Response};
+use std::task::{Context, Poll};
+use tonic::codegen::http::{self, HeaderMap, HeaderValue, Response};
+
+/// Largest header list (all request metadata) HTTP/2 takes in, advertised as
+/// SETTINGS_MAX_HEADER_LIST_SIZE. Set far above [`MAX_METADATA_BYTES`] so an
+/// oversized request still reaches [`MetadataLimit`] and gets a gRPC status a
+/// person can act on, instead of HTTP/2's bare 431 and stream reset (which
+/// clients report as INTERNAL with no message). Beyond it, clients refuse to
+/// send and name this limit themselves.
+pub const HTTP2_MAX_HEADER_LIST_BYTES: u32 = 1024 * 1024;
+
+/// Most request metadata accepted, counted as HTTP/2 does (name + value + 32
+/// per entry). Legitimate metadata (a bearer of at most 1 KiB, a traceparent,
+/// a request id) is far below it.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+fn metadata_bytes(headers: &HeaderMap) -> usize {
+    headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum()
+}
+
+/// Answers RESOURCE_EXHAUSTED, before any other work, to a request whose
+/// metadata is larger than [`MAX_METADATA_BYTES`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetadataLimitLayer;
+
+impl<S> tower::Layer<S> for MetadataLimitLayer {
+    type Service = MetadataLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MetadataLimit { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MetadataLimit<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for MetadataLimit<S>
+where
+    S: tower::Service<http::Request<B>, Response = Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let size = metadata_bytes(req.headers());
+        if size > MAX_METADATA_BYTES {
+            let status = tonic::Status::resource_exhausted(format!(
+                "the request metadata is {size} bytes; at most {MAX_METADATA_BYTES} are accepted: send the API key \
+                 or service token alone in `authorization` and drop oversized headers"
+            ));
+            return futures::future::Either::Left(futures::future::ready(Ok(status.into_http())));
+        }
+        futures::future::Either::Right(self.inner.call(req))
+    }
+}
 
 /// Largest request message accepted, in bytes. Far above any legitimate
 /// request (100 scopes and a 64-character name fit in a few KiB), far below

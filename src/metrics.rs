@@ -30,6 +30,11 @@ pub struct RpcLabels {
     pub code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub code: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~1.6 s: the warm path sits at the bottom, argon2 near 15 ms.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16))
@@ -40,6 +45,11 @@ pub struct Metrics {
     pub rpc_requests: Family<RpcLabels, Counter>,
     pub rpc_latency: Family<RpcLabels, Histogram, fn() -> Histogram>,
     pub verify_outcomes: [Counter; 9],
+    /// Presentations of a proven key that were refused (disabled, revoked,
+    /// expired, insufficient scope, wrong organization), in VerifyKey or as
+    /// the credential of a management call. They are not API calls: usage
+    /// counts accepted calls only.
+    pub key_refusals: Family<RefusalLabels, Counter>,
     /// Presented key found in the verified-key cache and fresh.
     pub cache_hits: Counter,
     /// Cached but past the freshness bound: re-read from the store.
@@ -53,6 +63,8 @@ pub struct Metrics {
     /// Key rows read by the verification path (lookups and refreshes).
     pub store_key_reads: Counter,
     pub argon2_verifications: Counter,
+    /// Argon2 hashes of new keys (CreateKey, bootstrap).
+    pub argon2_hashes: Counter,
     /// Argon2 jobs refused because the queue was full.
     pub argon2_rejected: Counter,
     pub usage_flush_batches: Counter,
@@ -85,6 +97,12 @@ impl Default for Metrics {
             "Time to handle a gRPC request, by method and status code",
             rpc_latency.clone(),
         );
+        let key_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "key_refusals",
+            "Presentations of a proven key that were refused (not counted as API calls), by code",
+            key_refusals.clone(),
+        );
         let verify_outcomes: [Counter; 9] = Default::default();
         for (code, c) in VERIFY_CODES.iter().zip(&verify_outcomes).skip(1) {
             registry.sub_registry_with_label(("code".into(), (*code).into())).register(
@@ -97,6 +115,7 @@ impl Default for Metrics {
             rpc_requests,
             rpc_latency,
             verify_outcomes,
+            key_refusals,
             cache_hits: Counter::default(),
             cache_refreshes: Counter::default(),
             cache_stale_served: Counter::default(),
@@ -104,6 +123,7 @@ impl Default for Metrics {
             negative_hits: Counter::default(),
             store_key_reads: Counter::default(),
             argon2_verifications: Counter::default(),
+            argon2_hashes: Counter::default(),
             argon2_rejected: Counter::default(),
             usage_flush_batches: Counter::default(),
             usage_flush_rows: Counter::default(),
@@ -120,7 +140,7 @@ impl Default for Metrics {
             change_notices_flowing: Gauge::default(),
             registry: Registry::default(),
         };
-        let counters: [(&str, &str, &Counter); 13] = [
+        let counters: [(&str, &str, &Counter); 14] = [
             ("cache_hits", "Verifications answered from the verified-key cache", &m.cache_hits),
             ("cache_refreshes", "Cached keys re-read from the store after the freshness bound", &m.cache_refreshes),
             ("cache_stale_served", "Cached keys served while the store could not confirm them", &m.cache_stale_served),
@@ -128,12 +148,17 @@ impl Default for Metrics {
             ("negative_cache_hits", "Unknown keys or wrong secrets answered from memory", &m.negative_hits),
             ("store_key_reads", "Key rows read by the verification path", &m.store_key_reads),
             ("argon2_verifications", "Argon2 verifications run", &m.argon2_verifications),
+            ("argon2_hashes", "Argon2 hashes of new keys", &m.argon2_hashes),
             ("argon2_rejected", "Argon2 jobs refused because the queue was full", &m.argon2_rejected),
             ("usage_flush_batches", "Usage batches written", &m.usage_flush_batches),
             ("usage_flush_rows", "Usage rows (key x minute) written", &m.usage_flush_rows),
             ("usage_flush_failures", "Usage flushes that failed and were kept for retry", &m.usage_flush_failures),
             ("cache_invalidations", "Cache entries dropped by change notices or local changes", &m.invalidations),
-            ("cache_resets", "Times every cached key was marked for a re-read after a gap in change notices", &m.cache_resets),
+            (
+                "cache_resets",
+                "Times every cached key was marked for a re-read after a gap in change notices",
+                &m.cache_resets,
+            ),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
@@ -177,6 +202,11 @@ impl Metrics {
 
     pub fn get(counter: &Counter) -> u64 {
         counter.get()
+    }
+
+    /// Counts one refused presentation of a proven key.
+    pub fn refused(&self, code: &'static str) {
+        self.key_refusals.get_or_create(&RefusalLabels { code }).inc();
     }
 
     /// Counts one handled RPC and its latency.

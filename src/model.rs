@@ -178,6 +178,8 @@ impl KeyStats {
 pub struct ListFilter {
     pub status: Option<KeyStatus>,
     pub created_by: Option<String>,
+    /// Set for API-key callers: a key sees only keys of its own environment.
+    pub environment: Option<Environment>,
 }
 
 /// Keyset cursor: the last row of the previous page, in (created_at, id) order.

@@ -19,9 +19,23 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
+/// Earliest and latest instants accepted from callers (1970-01-01T00:00:00Z
+/// to 9999-12-31T23:59:59.999999Z): a range both backends store exactly, so a
+/// far-off value is INVALID_ARGUMENT at the edge, never a database error.
+pub const MIN_SECONDS: i64 = 0;
+pub const MAX_SECONDS: i64 = 253_402_300_799;
+
+/// Whether `t` lies in the range every backend stores.
+pub fn in_storable_range(t: DateTime<Utc>) -> bool {
+    (MIN_SECONDS..=MAX_SECONDS).contains(&t.timestamp())
+}
+
 pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(Error::invalid(format!("{field}: nanos must be within 0..1e9")));
+    }
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) {
+        return Err(Error::invalid(format!("{field}: must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z")));
     }
     DateTime::from_timestamp(t.seconds, t.nanos as u32)
         .ok_or_else(|| Error::invalid(format!("{field}: timestamp out of range")))
@@ -83,11 +97,12 @@ pub fn plan(v: i32) -> Result<Plan> {
     }
 }
 
-/// Unspecified means live: production keys are the common case.
-pub fn environment(v: i32) -> Result<Environment> {
+/// `None` when unspecified: the caller's own environment, live for services.
+pub fn environment(v: i32) -> Result<Option<Environment>> {
     match enum_field::<pb::Environment>("environment", v, "ENVIRONMENT_LIVE or ENVIRONMENT_TEST")? {
-        pb::Environment::Unspecified | pb::Environment::Live => Ok(Environment::Live),
-        pb::Environment::Test => Ok(Environment::Test),
+        pb::Environment::Unspecified => Ok(None),
+        pb::Environment::Live => Ok(Some(Environment::Live)),
+        pb::Environment::Test => Ok(Some(Environment::Test)),
     }
 }
 

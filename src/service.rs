@@ -3,7 +3,7 @@
 //! `tonic::Status` in one place (`error.rs`).
 
 use crate::{
-    auth::{Authenticator, Caller, Rpc, authorize},
+    auth::{Authenticator, Caller, Principal, Rpc, authorize},
     error::{Error, Result},
     hashing::Hasher,
     keys,
@@ -39,9 +39,18 @@ impl KeysService {
         Self { store, hasher, verifier, auth }
     }
 
+    /// Authenticates and authorizes; an API key whose call is accepted here
+    /// counts one API call, a refused one counts as a refusal.
     async fn caller<T>(&self, req: &Request<T>, rpc: Rpc) -> Result<Caller> {
         let caller = self.auth.authenticate(req).await?;
-        authorize(&caller, rpc)?;
+        let authorized = authorize(&caller, rpc);
+        if let Principal::Key(key) = &caller.principal {
+            match &authorized {
+                Ok(()) => self.verifier.accepted(key),
+                Err(_) => self.verifier.refused(&Denial::InsufficientScope(vec![])),
+            }
+        }
+        authorized?;
         Ok(caller)
     }
 
@@ -86,13 +95,14 @@ impl KeysService {
         };
         caller.ensure_can_grant(&scope_set)?;
         let created_by = caller.actor()?;
-        let environment = proto::environment(r.environment)?;
+        let environment = caller.new_key_environment(proto::environment(r.environment)?)?;
         let now = truncate_micros(Utc::now());
-        let expires_at =
+        let requested =
             r.expires_at.as_ref().map(|t| proto::from_timestamp("expires_at", t)).transpose()?.map(truncate_micros);
-        if expires_at.is_some_and(|t| t <= now) {
+        if requested.is_some_and(|t| t <= now) {
             return Err(Error::invalid("expires_at must be in the future"));
         }
+        let expires_at = caller.new_key_expiry(requested)?;
 
         let (key, secret) = issue_key(
             &*self.store,
@@ -102,7 +112,7 @@ impl KeysService {
         )
         .await?;
         telemetry::record("key_id", &key.id);
-        tracing::info!(key_id = %key.id, organization_id = %key.organization_id, "key created");
+        tracing::info!(key_id = %key.id, organization_id = %telemetry::Escaped(&key.organization_id), "key created");
         Ok(pb::CreateKeyResponse { key: Some(key.into()), secret: secret.into_exposed() })
     }
 
@@ -121,6 +131,7 @@ impl KeysService {
         let filter = ListFilter {
             status: r.status.map(|s| proto::key_status("status", s)).transpose()?.flatten(),
             created_by: r.created_by.filter(|c| !c.is_empty()),
+            environment: caller.environment(),
         };
         let mut keys = self.store.list_keys(&organization_id, &filter, after.as_ref(), page_size + 1).await?;
         let next_page_token = if keys.len() > page_size {
@@ -144,7 +155,10 @@ impl KeysService {
                 return Err(Error::invalid("status is required: KEY_STATUS_ACTIVE or KEY_STATUS_DISABLED"));
             }
         };
-        self.managed_key(&caller, &r.id).await?;
+        let target = self.managed_key(&caller, &r.id).await?;
+        if status == KeyStatus::Active {
+            caller.ensure_can_enable(&target)?;
+        }
         let key = self
             .store
             .set_status(&r.id, status, &caller.audit())
@@ -185,7 +199,19 @@ impl KeysService {
         self.caller(&req, Rpc::VerifyKey).await?;
         let r = req.into_inner();
         scopes::validate(&r.required_scopes, "required_scopes")?;
-        let organization_id = r.organization_id.as_deref().filter(|o| !o.is_empty());
+        let organization_id = match r.organization_id.as_deref() {
+            // Present but empty is a caller bug, not "any organization".
+            Some("") => {
+                return Err(Error::invalid(
+                    "organization_id is present but empty: omit it, or name the organization the key must belong to",
+                ));
+            }
+            Some(o) => {
+                validate::ident("organization_id", o)?;
+                Some(o)
+            }
+            None => None,
+        };
         let deny = |code: pb::VerifyCode| {
             Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
             pb::VerifyKeyResponse { valid: false, code: code as i32, ..Default::default() }
@@ -197,7 +223,12 @@ impl KeysService {
         };
         telemetry::record("organization_id", &key.organization_id);
         telemetry::record("key_id", &key.id);
-        let (code, missing_scopes) = match decide(&key, &r.required_scopes, organization_id, Utc::now()) {
+        let decision = decide(&key, &r.required_scopes, organization_id, Utc::now());
+        match &decision {
+            Ok(()) => self.verifier.accepted(&key),
+            Err(d) => self.verifier.refused(d),
+        }
+        let (code, missing_scopes) = match decision {
             Ok(()) => (pb::VerifyCode::Valid, vec![]),
             Err(Denial::Revoked) => (pb::VerifyCode::Revoked, vec![]),
             Err(Denial::Disabled) => (pb::VerifyCode::Disabled, vec![]),
@@ -300,7 +331,7 @@ impl KeysService {
         validate::ident("organization_id", &r.organization_id)?;
         let plan = proto::plan(r.plan)?;
         let org = self.store.set_plan(&r.organization_id, plan, &caller.audit()).await?;
-        tracing::info!(organization_id = %org.id, plan = org.plan.as_str(), "plan set");
+        tracing::info!(organization_id = %telemetry::Escaped(&org.id), plan = org.plan.as_str(), "plan set");
         Ok(proto::organization(org))
     }
 }
@@ -324,6 +355,14 @@ pub async fn issue_key(
     spec: KeySpec,
     audit: &AuditContext,
 ) -> Result<(ApiKey, SecretString)> {
+    // Argon2 is the expensive step: a create the plan would refuse must not
+    // cost one. The store checks the limit again, atomically, on insert.
+    let stats = store.key_stats(&spec.organization_id, Utc::now()).await?;
+    if let Some(limit) = stats.plan.key_limit()
+        && stats.keys_counted >= limit
+    {
+        return Err(Error::LimitExceeded { plan: stats.plan, limit });
+    }
     let generated = keys::generate(spec.environment);
     let secret_hash = hasher.hash(generated.full.clone()).await?;
     let key = store
@@ -366,9 +405,15 @@ fn scope_catalog() -> pb::ListScopesResponse {
     }
 }
 
-/// Ids in error messages are ours only when well-formed; anything else is cut.
+/// Ids in error messages are ours only when well-formed; anything else is
+/// cut to an id's length, so a key pasted as an id (with or without its
+/// `tk_…_` prefix) shows no character of its secret.
 fn printable_id(id: &str) -> String {
-    if keys::is_valid_id(id) { id.to_owned() } else { format!("{:?}", id.chars().take(32).collect::<String>()) }
+    if keys::is_valid_id(id) {
+        id.to_owned()
+    } else {
+        format!("{:?}", id.chars().take(keys::ID_LEN).collect::<String>())
+    }
 }
 
 /// Opaque to clients: the last row's position, `<micros>.<id>`, base64url.
@@ -382,7 +427,8 @@ fn decode_page_token(token: &str) -> Result<Cursor> {
     let raw = String::from_utf8(raw).map_err(|_| bad())?;
     let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
     let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let created_at: DateTime<Utc> = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    let created_at: DateTime<Utc> =
+        DateTime::from_timestamp_micros(micros).filter(|t| proto::in_storable_range(*t)).ok_or_else(bad)?;
     if !keys::is_valid_id(id) {
         return Err(bad());
     }

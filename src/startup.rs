@@ -66,6 +66,7 @@ async fn resolve_pepper(args: &StoreArgs) -> Result<SecretString> {
         return Ok(p.clone());
     }
     if let Some(path) = &args.pepper_file {
+        ensure_private("TAKUMO_PEPPER_FILE", path)?;
         let raw = tokio::fs::read_to_string(path)
             .await
             .map_err(|e| Error::invalid(format!("TAKUMO_PEPPER_FILE {}: {e}", path.display())))?;
@@ -103,6 +104,9 @@ fn embedded_pepper(db: &Path) -> Result<SecretString> {
     let mut path = db.as_os_str().to_owned();
     path.push(".pepper");
     let path = PathBuf::from(path);
+    if path.exists() {
+        ensure_private("pepper file", &path)?;
+    }
     match std::fs::read_to_string(&path) {
         Ok(p) => return Ok(SecretString::new(p.trim_end())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -131,6 +135,26 @@ fn embedded_pepper(db: &Path) -> Result<SecretString> {
         }
         Err(e) => Err(Error::invalid(format!("cannot write pepper file {}: {e}", path.display()))),
     }
+}
+
+/// Refuses a secret file that group or others may read, as ssh does with
+/// private keys: a pepper anyone on the host can read is no secret.
+fn ensure_private(what: &str, path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| Error::invalid(format!("{what} {}: {e}", path.display())))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::invalid(format!(
+                "{what} {} has mode {mode:04o}: it must not be readable by group or others (chmod 600 {})",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    let _ = (what, path);
+    Ok(())
 }
 
 /// Service tokens from TAKUMO_SERVICE_TOKENS and TAKUMO_SERVICE_TOKENS_FILE together.
@@ -293,7 +317,9 @@ impl Application {
         // Small unary responses must not wait on Nagle's algorithm.
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
-        let mut server = Server::builder().trace_fn(telemetry::rpc_span);
+        let mut server = Server::builder()
+            .trace_fn(telemetry::rpc_span)
+            .http2_max_header_list_size(limits::HTTP2_MAX_HEADER_LIST_BYTES);
         if let Some(tls) = self.tls {
             server = server.tls_config(tls).map_err(|e| Error::invalid(format!("TAKUMO_TLS_*: {e}")))?;
         }
@@ -313,6 +339,7 @@ impl Application {
         };
         let serve = server
             .layer(tower::util::MapResponseLayer::new(limits::oversize_is_resource_exhausted))
+            .layer(limits::MetadataLimitLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

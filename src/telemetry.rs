@@ -113,7 +113,43 @@ pub fn rpc_span(req: &http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Records a field on the current RPC span.
+/// Records a caller-supplied field on the current RPC span, escaped.
 pub fn record(field: &'static str, value: &str) {
-    tracing::Span::current().record(field, value);
+    tracing::Span::current().record(field, tracing::field::display(Escaped(value)));
+}
+
+/// A caller-supplied string as it may appear in a log line: control and
+/// format characters (newlines, bidi overrides, zero-width characters) are
+/// written as `\u{…}` escapes, so a value can neither forge a line nor
+/// reorder what a reader sees. Plain text is written as it is.
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        if self.0.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return f.write_str(self.0);
+        }
+        for c in self.0.chars() {
+            if c.is_control() || crate::validate::is_invisible_format(c) || c == '\\' {
+                write!(f, "{}", c.escape_unicode())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaped;
+
+    #[test]
+    fn logged_fields_escape_control_and_direction_characters() {
+        assert_eq!(Escaped("acme").to_string(), "acme");
+        assert_eq!(Escaped("Größe 鍵").to_string(), "Größe 鍵");
+        assert_eq!(Escaped("a\u{202E}b").to_string(), "a\\u{202e}b");
+        assert_eq!(Escaped("a\nb\u{200B}").to_string(), "a\\u{a}b\\u{200b}");
+    }
 }

@@ -46,6 +46,19 @@ pub enum Denial {
     InsufficientScope(Vec<String>),
 }
 
+impl Denial {
+    /// The metric label (as in `VerifyCode`, lower case).
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Denial::Revoked => "revoked",
+            Denial::Disabled => "disabled",
+            Denial::Expired => "expired",
+            Denial::WrongOrganization => "wrong_organization",
+            Denial::InsufficientScope(_) => "insufficient_scope",
+        }
+    }
+}
+
 /// The decision for a resolved key: status, expiry, organization, scopes.
 pub fn decide(
     key: &ApiKey,
@@ -151,8 +164,9 @@ impl Verifier {
         r
     }
 
-    /// Resolves a presented key to the stored key it proves, counting one
-    /// call for it. Store trouble is an error, never a "not found".
+    /// Resolves a presented key to the stored key it proves. Store trouble is
+    /// an error, never a "not found". Counts nothing as an API call: the
+    /// caller does that with [`Self::accepted`] once the call is accepted.
     ///
     /// Warm path (cached, fresh): parse, one HMAC, one cache read, no I/O.
     pub async fn resolve(&self, presented: &str) -> Result<Resolution> {
@@ -170,7 +184,6 @@ impl Verifier {
                 Metrics::inc(&self.metrics.cache_hits);
                 (entry.key, false)
             };
-            self.usage.record(&key, Utc::now());
             return Ok(Resolution::Key { key, stale });
         }
         if self.cache.is_negative(&fp) {
@@ -183,7 +196,6 @@ impl Verifier {
         let _turn = gate.lock().await;
         if let Some(entry) = self.cache.get(&fp).filter(|e| !self.cache.needs_refresh(e)) {
             Metrics::inc(&self.metrics.cache_hits);
-            self.usage.record(&entry.key, Utc::now());
             return Ok(Resolution::Key { key: entry.key, stale: false });
         }
         if self.cache.is_negative(&fp) {
@@ -205,7 +217,6 @@ impl Verifier {
         }
         let key = Arc::new(key);
         self.cache.insert(fp, key.clone(), epoch);
-        self.usage.record(&key, Utc::now());
         Ok(Resolution::Key { key, stale: false })
     }
 
@@ -244,6 +255,19 @@ impl Verifier {
             }),
             Err(e) => Err(e),
         }
+    }
+
+    /// Counts one API call of `key`: a VALID verification, or a management
+    /// call it authenticated and was authorized for. Refusals are not calls
+    /// (the product page's "API calls made with a key"); they go to
+    /// [`Self::refused`].
+    pub fn accepted(&self, key: &ApiKey) {
+        self.usage.record(key, Utc::now());
+    }
+
+    /// Counts a refused presentation of a proven key, by reason.
+    pub fn refused(&self, denial: &Denial) {
+        self.metrics.refused(denial.code_name());
     }
 
     /// Drops what this process cached about key `id` (after a local change).

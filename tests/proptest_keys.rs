@@ -66,7 +66,23 @@ fn recomposed(s: &str) -> Option<String> {
 /// The rules for names, written out independently of `validate::name`.
 fn name_is_acceptable(v: &str) -> bool {
     let len = v.chars().count();
-    (1..=MAX_LEN).contains(&len) && !v.trim().is_empty() && !v.chars().any(char::is_control)
+    (1..=MAX_LEN).contains(&len)
+        && !v.trim().is_empty()
+        && !v.chars().any(|c| c.is_control() || validate::is_invisible_format(c))
+}
+
+#[test]
+fn the_invisible_set_holds_every_bidi_control_and_zero_width_character() {
+    let listed = ('\u{202A}'..='\u{202E}')
+        .chain('\u{2066}'..='\u{2069}')
+        .chain('\u{200B}'..='\u{200D}')
+        .chain(['\u{2060}', '\u{FEFF}', '\u{200E}', '\u{200F}', '\u{061C}']);
+    for c in listed {
+        assert!(validate::is_invisible_format(c), "U+{:04X}", c as u32);
+    }
+    for c in ['a', ' ', 'é', '鍵', '🚀', '\u{0301}'] {
+        assert!(!validate::is_invisible_format(c), "U+{:04X}", c as u32);
+    }
 }
 
 fn ident_is_acceptable(v: &str) -> bool {

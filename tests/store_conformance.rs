@@ -163,16 +163,29 @@ async fn list_is_newest_first_and_pages_by_keyset(b: Backend) {
     }
     assert_eq!(got, want);
 
-    let bobs =
-        s.list_keys("acme", &ListFilter { created_by: Some("bob".into()), status: None }, None, 100).await.unwrap();
+    let bobs = s
+        .list_keys("acme", &ListFilter { created_by: Some("bob".into()), ..Default::default() }, None, 100)
+        .await
+        .unwrap();
     assert_eq!(bobs.len(), 3);
     assert!(bobs.iter().all(|k| k.created_by == "bob"));
     s.set_status(&want[0], KeyStatus::Disabled, &ctx()).await.unwrap();
     let disabled = s
-        .list_keys("acme", &ListFilter { status: Some(KeyStatus::Disabled), created_by: None }, None, 100)
+        .list_keys("acme", &ListFilter { status: Some(KeyStatus::Disabled), ..Default::default() }, None, 100)
         .await
         .unwrap();
     assert_eq!(disabled.iter().map(|k| k.id.clone()).collect::<Vec<_>>(), vec![want[0].clone()]);
+
+    // The environment filter (what an API-key caller's ListKeys uses).
+    let mut test_key = new_key("acme", "bob");
+    test_key.environment = Environment::Test;
+    let test_key = s.create_key(test_key, &ctx()).await.unwrap();
+    let only = |e| ListFilter { environment: Some(e), ..Default::default() };
+    let tests = s.list_keys("acme", &only(Environment::Test), None, 100).await.unwrap();
+    assert_eq!(tests.iter().map(|k| k.id.clone()).collect::<Vec<_>>(), vec![test_key.id.clone()]);
+    let lives = s.list_keys("acme", &only(Environment::Live), None, 100).await.unwrap();
+    assert_eq!(lives.len(), want.len());
+    assert!(lives.iter().all(|k| k.environment == Environment::Live));
 }
 
 async fn revoked_key_cannot_change_status(b: Backend) {

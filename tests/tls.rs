@@ -102,7 +102,7 @@ async fn mapped_client_certificate_is_a_service_principal_under_mutual_tls() {
         a.tls_cert = Some(cert);
         a.tls_key = Some(key);
         a.tls_client_ca = Some(ca);
-        a.mtls_services = Some("spiffe://takumo/billing=billing,CN=dashboard=dashboard".into());
+        a.mtls_services = Some("uri:spiffe://takumo/billing=billing,cn:dashboard=dashboard".into());
         a
     })
     .await;
@@ -119,6 +119,15 @@ async fn mapped_client_certificate_is_a_service_principal_under_mutual_tls() {
     let dashboard = pki.issue("dashboard", vec![]);
     let mut c = tls_client(&app, &pki, Some(dashboard)).await.unwrap();
     c.list_scopes(pb::ListScopesRequest {}).await.expect("CN principal");
+
+    // Names in the wrong field are not the identity they spell: a DNS SAN that
+    // reads like the billing URI, or like `CN=dashboard`, is no principal.
+    for impostor in ["spiffe://takumo/billing", "CN=dashboard"] {
+        let cert = pki.issue("impostor", vec![SanType::DnsName(impostor.try_into().unwrap())]);
+        let mut c = tls_client(&app, &pki, Some(cert)).await.unwrap();
+        let e = c.set_organization_plan(set_plan_request()).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "a DNS SAN {impostor:?} became a service principal");
+    }
 
     // A valid certificate that maps to nothing is just a transport: it needs a bearer.
     let stranger = pki.issue("stranger", vec![SanType::DnsName("stranger.internal".try_into().unwrap())]);

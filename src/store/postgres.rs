@@ -190,6 +190,7 @@ impl Store for PostgresStore {
                AND ($2::text IS NULL OR status = $2) \
                AND ($3::text IS NULL OR created_by = $3) \
                AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5)) \
+               AND ($7::text IS NULL OR environment = $7) \
              ORDER BY created_at DESC, id DESC LIMIT $6"
         ))
         .bind(organization_id)
@@ -198,6 +199,7 @@ impl Store for PostgresStore {
         .bind(after.map(|c| c.created_at))
         .bind(after.map(|c| c.id.as_str()).unwrap_or(""))
         .bind(limit as i64)
+        .bind(filter.environment.map(Environment::as_str))
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;

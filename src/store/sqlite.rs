@@ -62,6 +62,9 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(opts.acquire_timeout.max(Duration::from_secs(5)));
         let path = conn.get_filename().to_path_buf();
+        if !dsn.contains("mode=memory") {
+            create_private(&path)?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.min(8))
             .acquire_timeout(opts.acquire_timeout)
@@ -88,6 +91,40 @@ impl SqliteStore {
     /// The database file, so the embedded pepper can live beside it.
     pub fn path(&self) -> &std::path::Path {
         &self.path
+    }
+}
+
+/// Creates the database file owner-only (0600) before SQLite opens it: SQLite
+/// gives its `-wal` and `-shm` files the mode of the database file, so all
+/// three hold key hashes readable by this user only. An existing file is
+/// left as it is, with a warning if others may read it.
+fn create_private(path: &std::path::Path) -> Result<()> {
+    let name = path.as_os_str();
+    if name.is_empty() || name == ":memory:" {
+        return Ok(());
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            #[cfg(unix)]
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{mode:04o}"),
+                        "the database file is readable by group or others; chmod 600 it and its -wal and -shm files"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::invalid(format!("DATABASE_URL: cannot create the SQLite file {}: {e}", path.display()))),
     }
 }
 
@@ -232,6 +269,7 @@ impl Store for SqliteStore {
                AND (?2 IS NULL OR status = ?2) \
                AND (?3 IS NULL OR created_by = ?3) \
                AND (?4 IS NULL OR created_at < ?4 OR (created_at = ?4 AND id < ?5)) \
+               AND (?7 IS NULL OR environment = ?7) \
              ORDER BY created_at DESC, id DESC LIMIT ?6"
         ))
         .bind(organization_id)
@@ -240,6 +278,7 @@ impl Store for SqliteStore {
         .bind(after.map(|c| micros(c.created_at)))
         .bind(after.map(|c| c.id.as_str()).unwrap_or(""))
         .bind(limit as i64)
+        .bind(filter.environment.map(Environment::as_str))
         .fetch_all(&self.pool)
         .await
         .map_err(db_error)?;
