@@ -203,15 +203,11 @@ async fn timestamps_outside_1970_to_9999_are_invalid_on_every_backend(b: Backend
         };
         let e = c.create_key(as_service(create, "alice")).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "expires_at {bad:?}: {}", e.message());
-        let list = pb::ListAuditEventsRequest {
-            organization_id: "acme".into(),
-            since: Some(bad),
-            ..Default::default()
-        };
+        let list =
+            pb::ListAuditEventsRequest { organization_id: "acme".into(), since: Some(bad), ..Default::default() };
         let e = c.list_audit_events(as_service(list, "a")).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "since {bad:?}: {}", e.message());
-        let export =
-            pb::ExportAuditEventsRequest { organization_id: "acme".into(), until: Some(bad), since: None };
+        let export = pb::ExportAuditEventsRequest { organization_id: "acme".into(), until: Some(bad), since: None };
         let e = match c.export_audit_events(as_service(export, "a")).await {
             Err(e) => e,
             Ok(s) => s.into_inner().message().await.unwrap_err(),
