@@ -22,7 +22,7 @@
 //! entry can still be served within the stale window: a listener reconnect
 //! never turns a warm cache cold.
 
-use crate::model::ApiKey;
+use crate::model::{ApiKey, StoredHash};
 use hmac::{Hmac, KeyInit, Mac};
 use moka::sync::Cache;
 use rand::{TryRngCore, rngs::OsRng};
@@ -85,8 +85,24 @@ pub struct Entry {
     global_epoch: u64,
 }
 
+/// What the store said about a key id: its record and stored hash, or that
+/// there is no such key. Lets a wrong secret for a known id, or any secret
+/// for an unknown one, be refuted with one hash and no store read.
+pub type Record = Option<Arc<(ApiKey, StoredHash)>>;
+
+#[derive(Clone)]
+struct IdEntry {
+    record: Record,
+    epoch: Epoch,
+    fetched_at: Instant,
+}
+
 pub struct VerifyCache {
     mac: Hmac<Sha256>,
+    /// Key id → its record as last read, valid only while the id's epoch
+    /// is unchanged (so the same invalidations that reach positive entries
+    /// void it), notices flow, and it is younger than the freshness bound.
+    records: Cache<Arc<str>, IdEntry>,
     positive: Cache<Fingerprint, Entry>,
     /// Key id → fingerprint of its positive entry, for invalidation by id.
     by_id: Cache<Arc<str>, Fingerprint>,
@@ -108,6 +124,7 @@ impl VerifyCache {
         let capacity = settings.capacity.max(1);
         Self {
             mac: Hmac::<Sha256>::new_from_slice(&hmac_key).expect("any key length"),
+            records: Cache::builder().max_capacity(capacity).build(),
             positive: Cache::builder().max_capacity(capacity).build(),
             by_id: Cache::builder().max_capacity(capacity).build(),
             negative: Cache::builder().max_capacity(capacity).time_to_live(settings.negative_ttl).build(),
@@ -171,6 +188,28 @@ impl VerifyCache {
         if self.epoch(&id) != epoch {
             self.positive.invalidate(&fp);
         }
+    }
+
+    /// The record of key `id` as last read, if it can still be trusted.
+    /// `Some(None)`: the store had no such key.
+    pub fn record(&self, id: &str) -> Option<Record> {
+        let e = self.records.get(id)?;
+        let ttl = if e.record.is_some() { self.settings.freshness } else { self.settings.negative_ttl };
+        let trusted =
+            e.epoch == self.epoch(id) && self.notices_flowing.load(Ordering::Acquire) && e.fetched_at.elapsed() <= ttl;
+        trusted.then_some(e.record)
+    }
+
+    /// Remembers what the store said about key `id`, read at `epoch`.
+    pub fn insert_record(&self, id: &str, record: Record, epoch: Epoch) {
+        if self.epoch(id) == epoch {
+            self.records.insert(Arc::from(id), IdEntry { record, epoch, fetched_at: Instant::now() });
+        }
+    }
+
+    /// Forgets the record of key `id` (its stored hash was replaced).
+    pub fn forget_record(&self, id: &str) {
+        self.records.invalidate(id);
     }
 
     /// Marks the entry of key `id`, if any, as changed: the next hit re-reads
@@ -289,6 +328,29 @@ mod tests {
         // A re-read after it does.
         c.insert(fp, key("id1"), c.epoch("id1"));
         assert!(!c.needs_refresh(&c.get(&fp).unwrap()));
+    }
+
+    #[test]
+    fn an_id_record_is_void_after_any_invalidation_of_its_id() {
+        let c = VerifyCache::new(CacheSettings::default());
+        let stored = StoredHash { phc: "$argon2id$".into(), pepper_id: "00000000".into() };
+        let rec = || Some(Arc::new(((*key("id1")).clone(), stored.clone())));
+        c.insert_record("id1", rec(), c.epoch("id1"));
+        assert!(c.record("id1").unwrap().is_some());
+        c.invalidate("id1");
+        assert!(c.record("id1").is_none(), "a change notice voids it");
+        c.insert_record("id1", rec(), c.epoch("id1"));
+        c.mark_all_for_reread();
+        assert!(c.record("id1").is_none(), "a resync voids it");
+        c.insert_record("id1", rec(), c.epoch("id1"));
+        c.set_notices_flowing(false);
+        assert!(c.record("id1").is_none(), "not trusted while notices cannot arrive");
+        c.set_notices_flowing(true);
+        // A read that raced an invalidation is not remembered.
+        let epoch = c.epoch("id2");
+        c.remove("id2");
+        c.insert_record("id2", None, epoch);
+        assert!(c.record("id2").is_none());
     }
 
     #[test]

@@ -215,6 +215,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TAKUMO_MAX_REQUEST_BYTES", default_value_t = crate::limits::DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
 
+    /// Most concurrent HTTP/2 streams (in-flight calls) per client connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS); a client needing more opens more connections.
+    #[arg(long, env = "TAKUMO_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = crate::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub http2_max_concurrent_streams: u32,
+
     /// Log format on stderr.
     #[arg(long, env = "TAKUMO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -1,12 +1,25 @@
 //! Argon2id hashing of key material, keyed with the server-side pepper.
 //!
-//! Each hash or verify costs ~15 ms of CPU at the OWASP defaults. It runs on
-//! a small pool of dedicated threads (one per core) with a bounded queue:
-//! - off the async workers, so RPCs keep flowing while a hash runs;
-//! - at a lower scheduling priority (nice 10), so a flood of cold or bad keys
-//!   takes the CPU the warm path leaves over instead of starving it;
-//! - with a bounded queue, so a flood is refused (RESOURCE_EXHAUSTED) instead
-//!   of piling up memory and latency without end.
+//! Takumo secrets carry ~190 bits from the OS CSPRNG, so the hash needs no
+//! stretching (NIST SP 800-63B §5.1.2.2 asks for it below 112 bits): the
+//! pepper already defeats a database-only leak, and no amount of guessing
+//! reaches 2^190. The defaults are therefore argon2id's cheapest sensible
+//! settings (m = 32 KiB, t = 1, p = 1: about 20 µs per hash or verify here),
+//! which make a first sight of a key, or the refusal of a forged one, cost
+//! about what an RPC costs. Such hashes run inline on the calling task: there
+//! is no queue for a flood to fill, and every call waits only for its own
+//! hash.
+//!
+//! Memory-hard parameters (OWASP's m = 19456 KiB, t = 2, ~15 ms) remain
+//! available through the TAKUMO_ARGON2_* flags. Those run on a small pool of
+//! dedicated threads (one per core) with a bounded queue: off the async
+//! workers, at nice 10, refusing work (RESOURCE_EXHAUSTED) when full, and
+//! skipping a queued job whose caller has gone (deadline passed, stream
+//! reset).
+//!
+//! Stored hashes verify with the parameters in their PHC string; a verified
+//! key whose hash has other parameters or another pepper than the current
+//! ones is rehashed by the verifier (see `verify.rs`).
 //!
 //! Peppers rotate without invalidating keys: every hash is stored with the
 //! id of the pepper that keyed it, and previous peppers stay configured for
@@ -31,7 +44,8 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
 /// Scheduling priority of hashing threads (higher is lower priority).
 const HASH_THREAD_NICE: i32 = 10;
 
-/// Argon2id cost parameters. Defaults are OWASP's recommendation.
+/// Argon2id cost parameters. The defaults suit high-entropy secrets (see
+/// the module docs); [`HashParams::OWASP`] is the memory-hard alternative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HashParams {
     pub memory_kib: u32,
@@ -39,9 +53,20 @@ pub struct HashParams {
     pub parallelism: u32,
 }
 
+impl HashParams {
+    /// OWASP's argon2id recommendation for passwords (~15 ms per hash).
+    pub const OWASP: Self = Self { memory_kib: 19_456, iterations: 2, parallelism: 1 };
+
+    /// Whether one hash is cheap enough to run inline on an async worker
+    /// (at most 256 KiB·passes, well under 0.2 ms here).
+    pub fn is_inline(&self) -> bool {
+        u64::from(self.memory_kib) * u64::from(self.iterations) <= 256 && self.parallelism == 1
+    }
+}
+
 impl Default for HashParams {
     fn default() -> Self {
-        Self { memory_kib: 19_456, iterations: 2, parallelism: 1 }
+        Self { memory_kib: 32, iterations: 1, parallelism: 1 }
     }
 }
 
@@ -108,12 +133,17 @@ pub struct Hasher {
 }
 
 struct Inner {
-    queue: mpsc::SyncSender<Job>,
+    /// The worker pool for memory-hard parameters; `None` when hashes are
+    /// cheap enough to run inline.
+    queue: Option<mpsc::SyncSender<Job>>,
     /// Jobs queued or running; exported as the argon2 queue depth.
     depth: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     /// Id of the pepper new hashes are keyed with.
     current_id: String,
+    /// Every configured pepper by id, the current one first (inline hashing).
+    peppers: Arc<Vec<(String, SecretString)>>,
+    params: Params,
 }
 
 impl Hasher {
@@ -140,26 +170,57 @@ impl Hasher {
         }
         let current_id = ids[0].0.clone();
         let peppers = Arc::new(ids);
-        let (tx, rx) = mpsc::sync_channel::<Job>(queue_capacity.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        for i in 0..workers {
-            let rx = rx.clone();
-            let peppers = peppers.clone();
-            let p = p.clone();
-            std::thread::Builder::new()
-                .name(format!("argon2-{i}"))
-                .spawn(move || worker(rx, &peppers, &p))
-                .map_err(Error::internal)?;
+        let queue = if params.is_inline() {
+            None
+        } else {
+            let (tx, rx) = mpsc::sync_channel::<Job>(queue_capacity.max(1));
+            let rx = Arc::new(Mutex::new(rx));
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            for i in 0..workers {
+                let rx = rx.clone();
+                let peppers = peppers.clone();
+                let p = p.clone();
+                std::thread::Builder::new()
+                    .name(format!("argon2-{i}"))
+                    .spawn(move || worker(rx, &peppers, &p))
+                    .map_err(Error::internal)?;
+            }
+            Some(tx)
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                queue,
+                depth: Arc::new(AtomicUsize::new(0)),
+                metrics,
+                current_id,
+                peppers,
+                params: p,
+            }),
+        })
+    }
+
+    /// True when `stored` was made with other parameters or another pepper
+    /// than new hashes get: after it verifies, the key should be rehashed.
+    pub fn needs_rehash(&self, stored: &StoredHash) -> bool {
+        if stored.pepper_id != self.inner.current_id {
+            return true;
         }
-        Ok(Self { inner: Arc::new(Inner { queue: tx, depth: Arc::new(AtomicUsize::new(0)), metrics, current_id }) })
+        let Ok(parsed) = PasswordHash::new(&stored.phc) else { return true };
+        let current = &self.inner.params;
+        let param = |name: &str| parsed.params.get_decimal(name);
+        parsed.algorithm.as_str() != "argon2id"
+            || parsed.version != Some(0x13)
+            || param("m") != Some(current.m_cost())
+            || param("t") != Some(current.t_cost())
+            || param("p") != Some(current.p_cost())
     }
 
     /// Hashes `material` with the current pepper and a fresh random salt.
     pub async fn hash(&self, material: SecretString) -> Result<StoredHash> {
-        Metrics::inc(&self.inner.metrics.argon2_hashes);
         let pepper_id = self.inner.current_id.clone();
+        let metrics = self.inner.metrics.clone();
         self.run(move |set| {
+            Metrics::inc(&metrics.argon2_hashes);
             set.current()
                 .hash_password(material.expose().as_bytes())
                 .map(|ph| StoredHash { phc: ph.to_string(), pepper_id })
@@ -171,8 +232,9 @@ impl Hasher {
     /// True when `material` matches `stored`. The cost parameters come from
     /// the stored string, so raising the defaults never invalidates old keys.
     pub async fn verify(&self, material: SecretString, stored: StoredHash) -> Result<bool> {
-        Metrics::inc(&self.inner.metrics.argon2_verifications);
+        let metrics = self.inner.metrics.clone();
         self.run(move |set| {
+            Metrics::inc(&metrics.argon2_verifications);
             let a = set.for_id(&stored.pepper_id).ok_or_else(|| {
                 Error::internal(anyhow::anyhow!(
                     "no configured pepper has id {}: keep the old pepper in TAKUMO_PREVIOUS_PEPPERS",
@@ -196,15 +258,29 @@ impl Hasher {
         &self,
         job: impl FnOnce(&Argon2Set<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        let Some(queue) = &self.inner.queue else {
+            // Cheap parameters: tens of microseconds, done right here. A
+            // caller that has gone never gets this far (its future is dropped).
+            return job(&Argon2Set::new(&self.inner.peppers, &self.inner.params));
+        };
         let (tx, rx) = oneshot::channel();
         let depth = self.inner.depth.clone();
+        let metrics = self.inner.metrics.clone();
         depth.fetch_add(1, Ordering::Relaxed);
         let boxed: Job = Box::new(move |set| {
-            let result = job(set);
-            depth.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send(result);
+            // The caller's future was dropped while this waited (deadline
+            // passed, stream reset): nobody wants the answer.
+            if tx.is_closed() {
+                Metrics::inc(&metrics.argon2_abandoned);
+                depth.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                let result = job(set);
+                // Before the answer, so a caller that got it sees the job gone.
+                depth.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(result);
+            }
         });
-        if let Err(e) = self.inner.queue.try_send(boxed) {
+        if let Err(e) = queue.try_send(boxed) {
             self.inner.depth.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
                 mpsc::TrySendError::Full(_) => {
@@ -277,11 +353,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn default_parameters_are_owasps_argon2id() {
+    async fn default_parameters_are_cheap_argon2id_run_inline() {
         let h =
             Hasher::new(SecretString::new("pepper-0123456789abcdef"), HashParams::default(), Arc::default()).unwrap();
         let stored = h.hash(SecretString::new("k")).await.unwrap();
-        assert!(stored.phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{}", stored.phc);
+        assert!(stored.phc.starts_with("$argon2id$v=19$m=32,t=1,p=1$"), "{}", stored.phc);
+        assert!(HashParams::default().is_inline() && !HashParams::OWASP.is_inline());
+        assert!(h.inner.queue.is_none(), "no queue for a flood to fill");
+    }
+
+    #[tokio::test]
+    async fn a_hash_with_other_parameters_or_pepper_needs_a_rehash() {
+        let pepper = SecretString::new("pepper-0123456789abcdef");
+        let owasp = Hasher::new(pepper.clone(), HashParams::OWASP, Arc::default()).unwrap();
+        let cheap = Hasher::new(pepper, HashParams::default(), Arc::default()).unwrap();
+        let old = owasp.hash(SecretString::new("k")).await.unwrap();
+        let new = cheap.hash(SecretString::new("k")).await.unwrap();
+        assert!(cheap.needs_rehash(&old));
+        assert!(!cheap.needs_rehash(&new));
+        assert!(owasp.needs_rehash(&new));
+        let other_pepper = StoredHash { pepper_id: "0badc0de".into(), ..new };
+        assert!(cheap.needs_rehash(&other_pepper));
+    }
+
+    #[tokio::test]
+    async fn a_queued_job_whose_caller_has_gone_is_not_run() {
+        use futures::FutureExt;
+        let metrics = Arc::new(Metrics::default());
+        let h = Hasher::with_queue(
+            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
+            HashParams::OWASP,
+            1024,
+            metrics.clone(),
+        )
+        .unwrap();
+        // Each future is polled once (which queues its job) and dropped, as
+        // tonic drops a handler whose deadline passed or whose stream was reset.
+        for _ in 0..64 {
+            assert!(h.hash(SecretString::new("k")).now_or_never().is_none());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while h.queue_depth() > 0 {
+            assert!(std::time::Instant::now() < deadline, "queue did not drain");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let (ran, skipped) = (Metrics::get(&metrics.argon2_hashes), Metrics::get(&metrics.argon2_abandoned));
+        assert_eq!(ran + skipped, 64);
+        // At most the jobs the workers had already picked up ran.
+        assert!(ran <= 8, "{ran} abandoned hashes ran anyway");
+        // A caller that waits still gets its answer.
+        assert!(h.hash(SecretString::new("k")).await.is_ok());
     }
 
     #[tokio::test]
@@ -318,7 +439,7 @@ mod tests {
     async fn a_full_queue_refuses_work_instead_of_growing() {
         let h = Hasher::with_queue(
             Peppers::single(SecretString::new("pepper-0123456789abcdef")),
-            HashParams::default(),
+            HashParams::OWASP,
             1,
             Arc::default(),
         )

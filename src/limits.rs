@@ -1,7 +1,28 @@
 //! Request size limits at the transport edge.
 
-use std::task::{Context, Poll};
+use std::{
+    task::{Context, Poll},
+    time::Duration,
+};
 use tonic::codegen::http::{self, HeaderMap, HeaderValue, Response};
+
+/// In-flight calls per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+/// Bounds what one connection can make the server hold at once; gRPC
+/// clients open further connections, or queue, when they need more.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// HTTP/2 PING every 30 s on an idle connection, and drop it when the
+/// answer takes over 10 s: a vanished peer does not hold streams forever.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on accepted sockets, for peers that vanish without a FIN.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Streams a client may reset before the server has handled them (the
+/// HTTP/2 "rapid reset" attack, CVE-2023-44487), and streams the server may
+/// reset for a client's protocol errors ("MadeYouReset", 2025), before the
+/// connection is closed with ENHANCE_YOUR_CALM.
+pub const HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+pub const HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 
 /// Largest header list (all request metadata) HTTP/2 takes in, advertised as
 /// SETTINGS_MAX_HEADER_LIST_SIZE. Set far above [`MAX_METADATA_BYTES`] so an

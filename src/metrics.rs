@@ -63,8 +63,14 @@ pub struct Metrics {
     /// Key rows read by the verification path (lookups and refreshes).
     pub store_key_reads: Counter,
     pub argon2_verifications: Counter,
-    /// Argon2 hashes of new keys (CreateKey, bootstrap).
+    /// Argon2 hashes run (new keys, rehashes).
     pub argon2_hashes: Counter,
+    /// Queued argon2 jobs skipped because their caller had gone.
+    pub argon2_abandoned: Counter,
+    /// Verified keys rehashed with the current parameters and pepper.
+    pub argon2_rehashes: Counter,
+    /// Misses answered from the per-id record cache (no store read).
+    pub id_cache_hits: Counter,
     /// Argon2 jobs refused because the queue was full.
     pub argon2_rejected: Counter,
     pub usage_flush_batches: Counter,
@@ -124,6 +130,9 @@ impl Default for Metrics {
             store_key_reads: Counter::default(),
             argon2_verifications: Counter::default(),
             argon2_hashes: Counter::default(),
+            argon2_abandoned: Counter::default(),
+            argon2_rehashes: Counter::default(),
+            id_cache_hits: Counter::default(),
             argon2_rejected: Counter::default(),
             usage_flush_batches: Counter::default(),
             usage_flush_rows: Counter::default(),
@@ -140,7 +149,7 @@ impl Default for Metrics {
             change_notices_flowing: Gauge::default(),
             registry: Registry::default(),
         };
-        let counters: [(&str, &str, &Counter); 14] = [
+        let counters: [(&str, &str, &Counter); 17] = [
             ("cache_hits", "Verifications answered from the verified-key cache", &m.cache_hits),
             ("cache_refreshes", "Cached keys re-read from the store after the freshness bound", &m.cache_refreshes),
             ("cache_stale_served", "Cached keys served while the store could not confirm them", &m.cache_stale_served),
@@ -148,7 +157,14 @@ impl Default for Metrics {
             ("negative_cache_hits", "Unknown keys or wrong secrets answered from memory", &m.negative_hits),
             ("store_key_reads", "Key rows read by the verification path", &m.store_key_reads),
             ("argon2_verifications", "Argon2 verifications run", &m.argon2_verifications),
-            ("argon2_hashes", "Argon2 hashes of new keys", &m.argon2_hashes),
+            ("argon2_hashes", "Argon2 hashes run (new keys and rehashes)", &m.argon2_hashes),
+            ("argon2_abandoned", "Queued argon2 jobs skipped because their caller had gone", &m.argon2_abandoned),
+            ("argon2_rehashes", "Verified keys rehashed with the current parameters and pepper", &m.argon2_rehashes),
+            (
+                "id_cache_hits",
+                "Cache misses answered from the per-id record cache, without a store read",
+                &m.id_cache_hits,
+            ),
             ("argon2_rejected", "Argon2 jobs refused because the queue was full", &m.argon2_rejected),
             ("usage_flush_batches", "Usage batches written", &m.usage_flush_batches),
             ("usage_flush_rows", "Usage rows (key x minute) written", &m.usage_flush_rows),

@@ -181,6 +181,7 @@ pub struct Application {
     usage_flush_interval: Duration,
     tls: Option<ServerTlsConfig>,
     max_request_bytes: usize,
+    max_concurrent_streams: u32,
     metrics_listener: Option<TcpListener>,
     /// Sets the scrape-time gauges from their sources.
     gauges: Arc<dyn Fn() + Send + Sync>,
@@ -247,6 +248,7 @@ impl Application {
             usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.max(10)),
             tls,
             max_request_bytes: args.max_request_bytes,
+            max_concurrent_streams: args.http2_max_concurrent_streams.max(1),
             metrics_listener,
             gauges,
             shutdown_delay: Duration::from_millis(args.shutdown_delay_ms),
@@ -315,11 +317,18 @@ impl Application {
 
         let addr = self.listener.local_addr().map_err(Error::internal)?;
         // Small unary responses must not wait on Nagle's algorithm.
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let incoming =
+            TcpIncoming::from(self.listener).with_nodelay(Some(true)).with_keepalive(Some(limits::TCP_KEEPALIVE));
         tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
+        // The HTTP/2 limits a public gRPC server needs (see `limits`).
         let mut server = Server::builder()
             .trace_fn(telemetry::rpc_span)
-            .http2_max_header_list_size(limits::HTTP2_MAX_HEADER_LIST_BYTES);
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .http2_max_header_list_size(limits::HTTP2_MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(limits::HTTP2_KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(limits::HTTP2_KEEPALIVE_TIMEOUT))
+            .http2_max_pending_accept_reset_streams(Some(limits::HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS))
+            .http2_max_local_error_reset_streams(Some(limits::HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS));
         if let Some(tls) = self.tls {
             server = server.tls_config(tls).map_err(|e| Error::invalid(format!("TAKUMO_TLS_*: {e}")))?;
         }

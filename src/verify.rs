@@ -9,7 +9,7 @@ use crate::{
     hashing::Hasher,
     keys,
     metrics::Metrics,
-    model::{ApiKey, KeyStatus},
+    model::{ApiKey, KeyStatus, StoredHash},
     scopes,
     secret::SecretString,
     store::{ChangeSink, Store},
@@ -204,20 +204,61 @@ impl Verifier {
         }
         Metrics::inc(&self.metrics.cache_misses);
         let epoch = self.cache.epoch(parsed.id);
-        Metrics::inc(&self.metrics.store_key_reads);
-        let Some((key, stored)) = self.store_call(self.store.get_key_with_hash(parsed.id)).await? else {
+        let record = match self.cache.record(parsed.id) {
+            Some(record) => {
+                Metrics::inc(&self.metrics.id_cache_hits);
+                record
+            }
+            None => {
+                Metrics::inc(&self.metrics.store_key_reads);
+                let record = self.store_call(self.store.get_key_with_hash(parsed.id)).await?.map(Arc::new);
+                self.cache.insert_record(parsed.id, record.clone(), epoch);
+                record
+            }
+        };
+        let Some(record) = record else {
             self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         };
+        let (key, stored) = &*record;
         // A key of the wrong environment with the right secret cannot exist,
         // but the check is free and keeps the prefix honest.
-        if key.environment != parsed.environment || !self.hasher.verify(SecretString::new(presented), stored).await? {
+        if key.environment != parsed.environment
+            || !self.hasher.verify(SecretString::new(presented), stored.clone()).await?
+        {
             self.cache.insert_negative(fp);
             return Ok(Resolution::NotFound);
         }
-        let key = Arc::new(key);
+        if self.hasher.needs_rehash(stored) {
+            self.rehash(&key.id, SecretString::new(presented), stored.clone());
+        }
+        let key = Arc::new(key.clone());
         self.cache.insert(fp, key.clone(), epoch);
         Ok(Resolution::Key { key, stale: false })
+    }
+
+    /// Rehashes a just-verified key whose stored hash has other parameters or
+    /// another pepper than new hashes get, off the request path: one hash and
+    /// one conditional UPDATE (a replica that got there first wins). A
+    /// failure changes nothing: the old hash keeps verifying.
+    fn rehash(&self, id: &str, material: SecretString, old: StoredHash) {
+        let (store, hasher, cache, metrics) =
+            (self.store.clone(), self.hasher.clone(), self.cache.clone(), self.metrics.clone());
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let replaced = match hasher.hash(material).await {
+                Ok(new) => store.replace_hash(&id, &old, &new).await,
+                Err(e) => Err(e),
+            };
+            match replaced {
+                Ok(true) => {
+                    Metrics::inc(&metrics.argon2_rehashes);
+                    cache.forget_record(&id);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(key_id = %id, error = %e, "rehash failed; the old hash keeps verifying"),
+            }
+        });
     }
 
     /// Re-reads a cached key's record (no rehash: the secret was proven for

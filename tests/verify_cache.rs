@@ -207,7 +207,105 @@ async fn usage_from_two_replicas_adds_up() {
     assert_eq!(store.key_stats("acme", chrono::Utc::now()).await.unwrap().api_calls_24h, 34);
 }
 
+fn wrong_secret(id: &str, n: usize) -> String {
+    let secret: String = format!("{n:0>width$}", width = keys::SECRET_LEN);
+    keys::compose(Environment::Live, id, &secret).into_exposed()
+}
+
+async fn wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_changes(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = create(&app, "acme", None).await;
+    for n in 0..5 {
+        assert_eq!(verify(&app, &wrong_secret(&key.id, n)).await, pb::VerifyCode::NotFound);
+    }
+    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 1, "one read for five wrong secrets");
+    assert_eq!(Metrics::get(&app.metrics.id_cache_hits), 4);
+    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 5, "each refuted with one hash");
+
+    // A change voids the id's record: the first sight of the real secret
+    // afterwards sees the change, not the record read before it.
+    app.client
+        .clone()
+        .set_key_status(as_service(
+            pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
+            "alice",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
+    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 2);
+}
+
+async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b: Backend) {
+    use takumo_keys::{
+        hashing::{HashParams, Hasher},
+        model::AuditContext,
+        scopes::{Preset, expand_preset},
+        secret::SecretString,
+        service::{KeySpec, issue_key},
+    };
+    let app = TestApp::spawn(b).await;
+    // Written with other parameters than the server's (m=256, t=1): as keys
+    // created before the defaults changed were.
+    let old_params = HashParams { memory_kib: 64, iterations: 2, parallelism: 1 };
+    let old = Hasher::new(SecretString::new(common::PEPPER), old_params, Default::default()).unwrap();
+    let spec = KeySpec {
+        organization_id: "acme".into(),
+        name: "old".into(),
+        scopes: expand_preset(Preset::ReadOnly),
+        created_by: "alice".into(),
+        environment: Environment::Live,
+        expires_at: None,
+    };
+    let (key, secret) = issue_key(&*app.store, &old, spec, &AuditContext::operator("alice")).await.unwrap();
+    let (_, before) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
+    assert!(before.phc.starts_with("$argon2id$v=19$m=64,t=2,p=1$"), "{}", before.phc);
+
+    assert_eq!(verify(&app, secret.expose()).await, pb::VerifyCode::Valid);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Metrics::get(&app.metrics.argon2_rehashes) == 0 {
+        assert!(Instant::now() < deadline, "not rehashed within 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, after) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
+    assert!(after.phc.starts_with("$argon2id$v=19$m=256,t=1,p=1$"), "{}", after.phc);
+    assert_ne!(after.phc, before.phc);
+
+    // The new hash verifies on a fresh replica, which has nothing to rehash.
+    let fresh = TestApp::spawn_on(app.db.clone(), common::serve_args).await;
+    assert_eq!(verify(&fresh, secret.expose()).await, pb::VerifyCode::Valid);
+    assert_eq!(verify(&app, secret.expose()).await, pb::VerifyCode::Valid);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(Metrics::get(&fresh.metrics.argon2_rehashes), 0);
+    assert_eq!(Metrics::get(&app.metrics.argon2_rehashes), 1, "rehashed once");
+}
+
+/// A record another replica changed is not trusted from this one's id cache.
+async fn a_change_on_another_replica_voids_the_id_cache() {
+    let (a, b) = two_replicas().await;
+    let (key, secret) = create(&a, "acme", None).await;
+    // b reads the key's record while refuting a wrong secret.
+    assert_eq!(verify(&b, &wrong_secret(&key.id, 1)).await, pb::VerifyCode::NotFound);
+    let invalidations = Metrics::get(&b.metrics.invalidations);
+    a.client
+        .clone()
+        .set_key_status(as_service(
+            pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
+            "alice",
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Metrics::get(&b.metrics.invalidations) == invalidations {
+        assert!(Instant::now() < deadline, "the notice did not reach b within 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Disabled);
+}
+
 for_each_backend!(
+    wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_changes,
+    a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies,
     concurrent_first_sights_of_a_key_share_one_argon2_verification,
     warm_verifications_read_nothing_from_the_store,
     repeated_bad_keys_cost_no_database_or_argon2_work,
@@ -291,6 +389,11 @@ mod replicas {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_missed_while_the_listener_was_cut_is_not_trusted() {
         super::a_change_missed_while_the_listener_was_cut_is_not_trusted().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_on_another_replica_voids_the_id_cache() {
+        super::a_change_on_another_replica_voids_the_id_cache().await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,12 @@ pub trait Store: Send + Sync + 'static {
     /// The key with its hash, for verification only.
     async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>>;
 
+    /// Replaces key `id`'s stored hash with `new` if it is still `old` (a
+    /// rehash with current parameters; a concurrent one by another replica
+    /// wins and this returns `false`). The key's record is unchanged, so no
+    /// change notice is sent and no audit event is written.
+    async fn replace_hash(&self, id: &str, old: &StoredHash, new: &StoredHash) -> Result<bool>;
+
     /// Newest first: `(created_at, id)` descending, strictly after `after`.
     async fn list_keys(
         &self,

@@ -254,6 +254,19 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn replace_hash(&self, id: &str, old: &StoredHash, new: &StoredHash) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE api_keys SET secret_hash = ?3, pepper_id = ?4 WHERE id = ?1 AND secret_hash = ?2")
+                .bind(id)
+                .bind(&old.phc)
+                .bind(&new.phc)
+                .bind(&new.pepper_id)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list_keys(
         &self,
         organization_id: &str,

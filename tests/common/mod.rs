@@ -149,6 +149,7 @@ pub fn serve_args(url: &str) -> ServeArgs {
         negative_cache_ttl_ms: 30_000,
         hash_queue: 1024,
         max_request_bytes: takumo_keys::limits::DEFAULT_MAX_REQUEST_BYTES,
+        http2_max_concurrent_streams: takumo_keys::limits::DEFAULT_MAX_CONCURRENT_STREAMS,
         metrics_listen: None,
         shutdown_delay_ms: 0,
         shutdown_timeout_ms: 5_000,
