@@ -27,9 +27,11 @@
 //! out of order) is an error, and there must be none. At the end it reports
 //! requests by kind, verifications/s and latencies, each server's resident
 //! memory after the warm-up and at the end, the cache gauge, and compares
-//! each organization's stored `api_calls_24h` with the verifications that
-//! resolved to a key. Results go to stdout and into the `## Soak` section of
-//! `docs/reliability.md` (the rest of that file is kept).
+//! each organization's stored `api_calls_24h` with the accepted (VALID)
+//! verifications. Results go to stdout and to `docs/reliability-results.md`,
+//! which this bench owns and rewrites whole (`--docs` elsewhere, `--no-docs`
+//! not at all). The analysis, the fault-test findings and the fuzzing record
+//! are hand-written in `docs/reliability.md`; nothing writes that file.
 //!
 //! The load generator shares the machine with both servers and PostgreSQL,
 //! so it is lean: a few HTTP/2 connections, one task per in-flight request,
@@ -37,15 +39,18 @@
 
 mod support;
 
-use support::{PgDatabase, cpu_model, fmt_dur, free_addr, interrupted, shell};
+use support::{
+    PgDatabase, ResultsHeader, bench_command, fmt_dur, fmt_rps, free_addr, interrupted, metric, scrape,
+    server_argon2_defaults, write_results,
+};
 
 use clap::Parser;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::Read as _,
+    net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -164,10 +169,10 @@ struct Opts {
     /// Server binary; cargo builds it for benches, so the default is the release build.
     #[arg(long, env = "TAKUMO_SOAK_SERVER_BIN", default_value = env!("CARGO_BIN_EXE_takumo-keys"))]
     server_bin: PathBuf,
-    /// Where the report goes (its `## Soak` section is rewritten, the rest kept).
-    #[arg(long, env = "TAKUMO_SOAK_DOCS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reliability.md"))]
+    /// The results file, rewritten whole on each run.
+    #[arg(long, env = "TAKUMO_SOAK_DOCS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reliability-results.md"))]
     docs: PathBuf,
-    /// Print the report only; leave docs/reliability.md alone.
+    /// Print the results only; leave the results file alone.
     #[arg(long, env = "TAKUMO_SOAK_NO_DOCS")]
     no_docs: bool,
     /// Passed by `cargo bench`. Without it (as under `cargo test --all-targets`)
@@ -217,11 +222,10 @@ fn main() {
         eprintln!("interrupted: servers stopped, database dropped");
         std::process::exit(130);
     };
-    let section = report.render(&opts, started.elapsed());
-    println!("\n{section}");
+    let results = report.render(&opts, started.elapsed());
+    println!("\n{results}");
     if !opts.no_docs {
-        write_doc(&opts.docs, &section);
-        eprintln!("wrote {}", opts.docs.display());
+        write_results(&opts.docs, &results);
     }
     eprintln!("total {:.0?}", started.elapsed());
     if !report.all_met(&opts) {
@@ -566,8 +570,10 @@ static CODES: [VerifyCode; 9] = [
 ];
 
 /// Answers whose secret was proven: these, and only these, count as usage.
+/// What `api_calls_24h` counts: accepted calls only, so VALID answers (the
+/// soak's management calls use a service token, which counts nothing).
 fn resolves(code: VerifyCode) -> bool {
-    !matches!(code, VerifyCode::Unspecified | VerifyCode::Malformed | VerifyCode::NotFound)
+    code == VerifyCode::Valid
 }
 
 fn request<T>(auth: &AsciiMetadataValue, actor: bool, body: T) -> Request<T> {
@@ -1383,7 +1389,7 @@ struct Stats {
     first_errors: Vec<String>,
     /// Every VerifyKey answer by code, expected or not.
     codes: [u64; 9],
-    /// Answers that resolved to a key, by organization index; the last slot is "another organization".
+    /// Accepted (VALID) answers, by organization index; the last slot is "another organization".
     resolved: Vec<u64>,
     /// Convergence: answers still showing the state before a change (within the bound), changes seen, slowest.
     stale: u64,
@@ -1674,45 +1680,6 @@ fn mib(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
-/// `GET /metrics` over plain HTTP/1.1.
-fn scrape(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or("no HTTP header")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(head.lines().next().unwrap_or("").to_owned());
-    }
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return Ok(body.to_owned());
-    }
-    let (mut out, mut rest) = (String::new(), body);
-    while let Some((len, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).map_err(|_| "bad chunk")?;
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    Ok(out)
-}
-
-/// Sum of the samples of `name` whose labels contain every `filter` string.
-fn metric(text: &str, name: &str, filter: &[&str]) -> Option<f64> {
-    let mut sum = None;
-    for (series, value) in text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.rsplit_once(' ')) {
-        let (n, labels) = series.split_at(series.find('{').unwrap_or(series.len()));
-        if n == name && filter.iter().all(|f| labels.contains(f)) {
-            *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    sum
-}
-
 /// RPCs the servers answered with anything but OK, by `method`/`code` labels.
 fn non_ok_rpcs(text: &str, into: &mut BTreeMap<String, f64>) {
     for (series, value) in text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.rsplit_once(' ')) {
@@ -1732,7 +1699,7 @@ fn non_ok_rpcs(text: &str, into: &mut BTreeMap<String, f64>) {
 
 struct UsageCheck {
     orgs: Vec<String>,
-    /// Verifications that resolved to a key, counted by this client from the answers.
+    /// Accepted (VALID) verifications, counted by this client from the answers.
     client: Vec<u64>,
     /// Resolved answers naming an organization the soak did not create (must be 0).
     other: u64,
@@ -1828,13 +1795,15 @@ impl Report {
     }
 
     fn render(&self, opts: &Opts, total: Duration) -> String {
-        let mut s = String::new();
-        let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-        let cmd = if argv.is_empty() {
-            "cargo bench --bench soak".to_owned()
-        } else {
-            format!("cargo bench --bench soak -- {}", argv.join(" "))
+        let header = ResultsHeader {
+            title: "Reliability results: soak",
+            generator: "benches/soak.rs",
+            analysis: "docs/reliability.md",
+            command: bench_command("soak", "TAKUMO_SOAK_"),
+            path: &opts.docs,
         };
+        let mut s = header.render();
+        s.push('\n');
         let soak = &self.soak;
         let secs = self.soak_elapsed.as_secs_f64();
         let verifies = soak.combined(Kind::is_verify);
@@ -1847,13 +1816,6 @@ impl Report {
         let all = self.all_met(opts);
         let met = |ok: bool| if ok { "met" } else { "**not met**" };
 
-        let _ = writeln!(s, "## Soak\n");
-        let _ = writeln!(
-            s,
-            "Generated by `benches/soak.rs`; this section is rewritten on each run, the rest of the file is kept. \
-             Not part of `cargo test`.\n"
-        );
-        let _ = writeln!(s, "```sh\n{cmd}\n```\n");
         let _ = writeln!(
             s,
             "**Verdict: {}** — {} errors in {} requests; {} verifications/s; verify p99 {}; memory {}; \
@@ -1867,27 +1829,26 @@ impl Report {
             if usage_ok { "exactly" } else { "WRONG" },
         );
 
-        let _ = writeln!(s, "### Machine and run\n");
-        let _ = writeln!(s, "- Date: {}", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"));
+        let _ = writeln!(s, "## Run\n");
         let _ = writeln!(
             s,
-            "- Machine: {} CPUs (nproc), {}, {:.1} GiB RAM; Linux {}; PostgreSQL {} on 127.0.0.1 \
-             (TCP loopback, `sslmode=disable`)",
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_model(),
+            "- Machine, besides the above: {:.1} GiB RAM; PostgreSQL {} on 127.0.0.1 (TCP loopback, \
+             `sslmode=disable`)",
             mem_total_gib(),
-            shell(&["uname", "-r"]),
             self.pg_version
         );
-        let _ = writeln!(s, "- Source: {}", git_description());
         let _ = writeln!(
             s,
             "- Servers: 2 release `takumo-keys` processes on one fresh PostgreSQL database (started together: \
-             migrations ran once), one pepper and service token, default argon2id (m=19456 KiB, t=2, p=1), \
-             `TAKUMO_CACHE_CAPACITY={}`, other settings default (freshness 30 s, negative TTL 30 s, usage flush \
-             every 1 s), metrics on. {} organizations on PLAN_ENTERPRISE; {} stable keys, {} toggle keys, all \
-             read-only preset.",
-            opts.cache_capacity, opts.orgs, self.stable_keys, self.toggle_keys
+             migrations ran once), one pepper and service token, argon2id at the server binary's defaults ({}, \
+             from `serve --help`), `TAKUMO_CACHE_CAPACITY={}`, other settings default (freshness 30 s, negative \
+             TTL 30 s, usage flush every 1 s), metrics on. {} organizations on PLAN_ENTERPRISE; {} stable keys, {} \
+             toggle keys, all read-only preset.",
+            server_argon2_defaults(&opts.server_bin),
+            opts.cache_capacity,
+            opts.orgs,
+            self.stable_keys,
+            self.toggle_keys
         );
         let _ = writeln!(
             s,
@@ -1921,10 +1882,9 @@ impl Report {
         let _ = writeln!(
             s,
             "- CPUs used on average over the measured run: replica 0 {}, replica 1 {}, this load generator {}, \
-             everything else (PostgreSQL, …) {}. The closed-loop workers keep the machine saturated, and argon2 \
-             runs at nice 10 by design, so argon2-bound calls (creates, first sights, wrong secrets, verifies \
-             right after a change) wait behind warm verifications: their latencies measure that priority, not \
-             argon2 itself.",
+             everything else (PostgreSQL, …) {}. The closed-loop workers keep the machine saturated, so the \
+             latencies of calls that need a store read or argon2 (creates, first sights, wrong secrets, verifies \
+             right after a change) include waiting for a core behind them, not only their own work.",
             c(0),
             c(1),
             c(2),
@@ -1935,7 +1895,7 @@ impl Report {
         }
         s.push('\n');
 
-        let _ = writeln!(s, "### Requests (measured {:.0} s)\n", opts.duration);
+        let _ = writeln!(s, "## Requests (measured {:.0} s)\n", opts.duration);
         let _ = writeln!(
             s,
             "Every answer is checked for the outcome it must have; an error is any other answer (gRPC error, wrong \
@@ -1996,7 +1956,7 @@ impl Report {
             s.push('\n');
         }
 
-        let _ = writeln!(s, "### Memory\n");
+        let _ = writeln!(s, "## Memory\n");
         let _ = writeln!(
             s,
             "Resident memory (`VmRSS` from `/proc/<pid>/status`) after the warm-up and at the end of the measured \
@@ -2047,11 +2007,11 @@ impl Report {
                 .join("; ")
         );
 
-        let _ = writeln!(s, "### Usage counting\n");
+        let _ = writeln!(s, "## Usage counting\n");
         let _ = writeln!(
             s,
-            "Verifications that resolved to a key (the secret was proven: VALID, DISABLED, REVOKED, \
-             INSUFFICIENT_SCOPE, WRONG_ORGANIZATION; not MALFORMED or NOT_FOUND), counted by this client from the \
+            "Accepted verifications (VALID answers: refusals such as DISABLED or INSUFFICIENT_SCOPE are not API \
+             calls), counted by this client from the \
              answers over the whole run (setup and warm-up included), against `api_calls_24h` from GetKeyStats, \
              read {:.1} s after the load stopped{}.\n",
             (USAGE_FLUSH_INTERVAL * 2 + Duration::from_millis(500)).as_secs_f64(),
@@ -2062,7 +2022,7 @@ impl Report {
             }
         );
         s.push_str(concat!(
-            "| organization | resolved verifications (client) | `api_calls_24h` (server) | equal |\n",
+            "| organization | VALID verifications (client) | `api_calls_24h` (server) | equal |\n",
             "|---|---:|---:|---|\n"
         ));
         for (i, org) in self.usage.orgs.iter().enumerate() {
@@ -2083,7 +2043,7 @@ impl Report {
         }
         s.push('\n');
 
-        let _ = writeln!(s, "### Server side\n");
+        let _ = writeln!(s, "## Server side\n");
         let server = self.server_codes();
         s.push_str(
             "| VerifyKey outcome | client saw | servers counted (`verify_outcomes_total`, both) |\n|---|---:|---:|\n",
@@ -2147,7 +2107,7 @@ impl Report {
         }
         s.push('\n');
 
-        let _ = writeln!(s, "### Checks\n");
+        let _ = writeln!(s, "## Checks\n");
         s.push_str("| check | result |\n|---|---|\n");
         let _ = writeln!(s, "| errors = 0 (setup, warm-up, measured, final reads) | {} ({errors}) |", met(errors == 0));
         let growth: Vec<String> = self
@@ -2171,7 +2131,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| stored `api_calls_24h` = verifications resolved to a key, per organization | {} ({} vs {}) |",
+            "| stored `api_calls_24h` = accepted (VALID) verifications, per organization | {} ({} vs {}) |",
             met(usage_ok),
             self.usage.stored.iter().map(|v| v.map_or("?".into(), |v| v.to_string())).collect::<Vec<_>>().join("/"),
             self.usage.client.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
@@ -2204,63 +2164,6 @@ impl Report {
     }
 }
 
-const INTRO: &str = "How Takumo Keys behaves under sustained mixed load and under faults.";
-const FAULT_PLACEHOLDER: &str = "## Fault tests\n\n_To be written: fault-injection tests and their results._\n";
-const ANALYSIS_PLACEHOLDER: &str = "### Analysis\n\n_To be filled in by the engineer: what the figures mean and what \
-changed since the previous run. This subsection is kept when the soak rewrites the section._\n";
-
-/// Rewrites the `## Soak` section of the doc (creating the file if needed), keeping its
-/// `### Analysis` subsection and everything outside the section.
-fn write_doc(path: &Path, generated: &str) {
-    let old = std::fs::read_to_string(path).ok();
-    let analysis = old
-        .as_deref()
-        .and_then(|o| {
-            let soak = o.find("\n## Soak\n")? + 1;
-            let end = o[soak + 1..].find("\n## ").map_or(o.len(), |i| soak + 1 + i + 1);
-            let a = o[soak..end].find("\n### Analysis")? + soak + 1;
-            Some(o[a..end].trim_end().to_owned() + "\n")
-        })
-        .unwrap_or_else(|| ANALYSIS_PLACEHOLDER.to_owned());
-    let section = format!("{}\n\n{analysis}", generated.trim_end());
-    let new = match old {
-        None => format!("# Reliability\n\n{INTRO}\n\n{section}\n{FAULT_PLACEHOLDER}"),
-        Some(old) => {
-            let heading_at = |h: &str| {
-                let mut at = 0;
-                for line in old.split_inclusive('\n') {
-                    if line.trim_end() == h {
-                        return Some(at);
-                    }
-                    at += line.len();
-                }
-                None
-            };
-            match heading_at("## Soak") {
-                Some(start) => {
-                    let after = start + "## Soak".len();
-                    let end = old[after..].find("\n## ").map_or(old.len(), |i| after + i + 1);
-                    let tail = &old[end..];
-                    let sep = if tail.is_empty() { "" } else { "\n" };
-                    format!("{}{section}{sep}{tail}", &old[..start])
-                }
-                None => match heading_at("## Fault tests") {
-                    Some(f) => format!("{}{section}\n{}", &old[..f], &old[f..]),
-                    None => format!("{}\n\n{section}", old.trim_end()),
-                },
-            }
-        }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).expect("create docs/");
-    }
-    std::fs::write(path, new).expect("write docs");
-}
-
-fn fmt_rps(r: f64) -> String {
-    if r >= 100.0 { format!("{r:.0}") } else { format!("{r:.1}") }
-}
-
 fn mem_total_gib() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -2268,17 +2171,4 @@ fn mem_total_gib() -> f64 {
             m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0)
-}
-
-fn git_description() -> String {
-    let head = shell(&["git", "rev-parse", "--short", "HEAD"]);
-    let dirty =
-        shell(&["git", "status", "--porcelain", "--", "src", "proto", "migrations", "Cargo.toml", "Cargo.lock"]);
-    if dirty.is_empty() || dirty == "?" {
-        format!("commit {head}")
-    } else {
-        // `XY path` (or `XY old -> new`); the status columns may have been trimmed.
-        let paths: Vec<&str> = dirty.lines().filter_map(|l| l.split_whitespace().last()).collect();
-        format!("commit {head} plus uncommitted changes to {}", paths.join(", "))
-    }
 }

@@ -3,40 +3,58 @@
 //! `cargo bench --bench verify [-- FLAGS]` (see `--help`; every flag also has a
 //! `TAKUMO_BENCH_*` environment variable). For each backend (SQLite, then
 //! PostgreSQL) it starts the release server as a separate process on a free
-//! port, creates keys through the API, and drives, at one concurrency:
+//! port (argon2 and everything else at the server's defaults), creates keys
+//! through the API on the Enterprise plan, and measures:
 //!
-//! 1. `grpc.health.v1.Health/Check`: the baseline, an RPC that does nothing;
-//! 2. warm `VerifyKey` over a few valid keys, after a warm-up pass;
-//! 3. `VerifyKey` with malformed keys (no store, no argon2);
-//! 4. cold `VerifyKey`: fresh keys, each verified exactly once (argon2-bound);
-//! 5. warm `VerifyKey` again while a second client floods well-formed keys
-//!    with wrong secrets for the same key ids;
-//! 6. PostgreSQL only: cross-replica propagation. A second server process on
+//! 1. throughput ratios with `h2load -c 8 -m 32 -t 1` (256 in flight), in
+//!    alternating rounds: `grpc.health.v1.Health/Check`, the baseline, an RPC
+//!    that does nothing; warm `VerifyKey` (a cached workspace-preset key, one
+//!    required scope); malformed `VerifyKey` (right length, wrong checksum).
+//!    h2load counts an HTTP 200 as success whatever the gRPC status says, so
+//!    before each run the same request is sent once with this bench's tonic
+//!    client and once with `nghttp` from the same body file, and after it the
+//!    server's own outcome counters must account for every success;
+//! 2. the same three with this bench's own tonic client, every answer checked:
+//!    correctness, and the baseline of the cold ratio;
+//! 3. cold `VerifyKey`: `--cold-keys` distinct keys, each verified once (own
+//!    client; h2load sends one body per run);
+//! 4. an unauthenticated flood: a second h2load sending `ListKeys` with a
+//!    forged key (a real key id, a random secret, a valid checksum), plus the
+//!    own client's flood of distinct wrong secrets for real ids; meanwhile
+//!    warm verifications (against the same client's rate just before) and
+//!    first verifications of fresh keys;
+//! 5. PostgreSQL only: cross-replica propagation. A second server process on
 //!    the same database; a key disabled, revoked or deleted through the first
 //!    must stop verifying on the second (whose cache holds it) through
-//!    LISTEN/NOTIFY. Timed from just before the change call to the second
-//!    replica's first answer with the new code.
+//!    LISTEN/NOTIFY;
+//! 6. PostgreSQL only: restart. A load spread over the cold keys, the server
+//!    SIGKILLed and started again on the same database; how long after it
+//!    answers health the verification rate is back to 0.8× the rate before.
 //!
-//! Every response's gRPC status, `valid` and `code` are checked; anything
-//! unexpected is an error and is shown in the table. Results go to stdout as
-//! Markdown and into `docs/performance.md` (its `## Analysis` section is kept).
+//! Every figure names the client that produced it, and every ratio compares
+//! figures of the same client in the same run. The server's CPU time per
+//! request is read from /proc as a client-independent figure, and its
+//! Prometheus counters (argon2 work, key reads) are scraped around each phase.
 //!
-//! The load generator shares the machine with the server, so it is kept lean
-//! (a few HTTP/2 connections, one tokio task per in-flight request, requests
-//! built up front) and every figure is compared to the baseline of the same
-//! run with the same client. The server's own CPU time per request is read
-//! from /proc as a client-independent figure.
+//! Results go to stdout and to `docs/performance-results.md`, which this
+//! bench owns and rewrites whole (`--docs` elsewhere, `--no-docs` not at all).
+//! The analysis is hand-written in `docs/performance.md`; nothing writes it.
 
 mod support;
 
-use support::{PgDatabase, cpu_model, fmt_dur, free_addr, interrupted, shell};
+use support::{
+    GrpcTarget, H2load, H2loadRun, PgDatabase, ResultsHeader, bench_command, fmt_dur, fmt_rps, free_addr, grpc_frame,
+    interrupted, metric, nghttp_grpc_status, scrape, server_argon2_defaults, write_results,
+};
 
 use clap::Parser;
+use prost::Message as _;
 use std::{
     fmt::Write as _,
     future::Future,
     io::Read as _,
     net::SocketAddr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -46,8 +64,8 @@ use std::{
     time::{Duration, Instant},
 };
 use takumo_keys::proto::pb::{
-    self, CreateKeyRequest, DeleteKeyRequest, KeyStatus, RevokeKeyRequest, SetKeyStatusRequest, VerifyCode,
-    VerifyKeyRequest, api_key_service_client::ApiKeyServiceClient,
+    self, CreateKeyRequest, DeleteKeyRequest, KeyStatus, ListKeysRequest, RevokeKeyRequest, SetKeyStatusRequest,
+    VerifyCode, VerifyKeyRequest, api_key_service_client::ApiKeyServiceClient,
 };
 use tonic::{
     Code, Request,
@@ -68,41 +86,75 @@ const KEY_LEN: usize = 62;
 const HEALTH_PING_EVERY_S: f64 = 2.0;
 const USAGE_FLUSH_EVERY_S: f64 = 1.0;
 
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/Check";
+const VERIFY_PATH: &str = "/takumo.apikeys.v1.ApiKeyService/VerifyKey";
+const LIST_KEYS_PATH: &str = "/takumo.apikeys.v1.ApiKeyService/ListKeys";
+
+// Issue 10's targets.
+const WARM_RATIO_TARGET: f64 = 0.85;
+const MALFORMED_RATIO_TARGET: f64 = 0.95;
+const COLD_RATIO_TARGET: f64 = 0.15;
+const COLD_CPU_TARGET: f64 = 10.0;
+const FRESH_P99_TARGET: Duration = Duration::from_millis(50);
+const FLOODED_WARM_TARGET: f64 = 0.4;
+const RESTART_RATE_TARGET: f64 = 0.8;
+const RESTART_WITHIN: Duration = Duration::from_secs(5);
+/// The restart phase counts answers in buckets this long.
+const RESTART_BUCKET: Duration = Duration::from_millis(250);
+/// The rate counts as back once this many consecutive buckets reach the target.
+const RESTART_SUSTAINED_BUCKETS: usize = 4;
+
 #[derive(Debug, Clone, Parser)]
 #[command(name = "verify", about = "VerifyKey load benchmark (cargo bench --bench verify -- FLAGS)")]
 struct Opts {
     /// Backends to run, comma-separated: sqlite, postgres.
     #[arg(long, env = "TAKUMO_BENCH_BACKENDS", value_delimiter = ',', default_value = "sqlite,postgres")]
     backends: Vec<Backend>,
-    /// Measured seconds per phase.
+    /// Measured seconds per phase (per client, for baseline, warm and malformed).
     #[arg(long, env = "TAKUMO_BENCH_DURATION", default_value_t = 5.0)]
     duration: f64,
     /// Baseline, warm and malformed are measured interleaved in this many rounds
-    /// (each phase gets duration / rounds per round).
+    /// (each phase gets duration / rounds per round), for h2load and the own client alike.
     #[arg(long, env = "TAKUMO_BENCH_ROUNDS", default_value_t = 3)]
     rounds: usize,
     /// Unmeasured warm-up seconds before each timed phase.
     #[arg(long, env = "TAKUMO_BENCH_WARMUP", default_value_t = 1.0)]
     warmup: f64,
-    /// Requests in flight for the baseline, warm, malformed and flood phases.
+    /// Requests in flight of the own client (baseline, warm, malformed, cold, warm under flood, restart).
     #[arg(long, env = "TAKUMO_BENCH_CONCURRENCY", default_value_t = 64)]
     concurrency: usize,
-    /// HTTP/2 connections the main client spreads them over.
+    /// HTTP/2 connections the own client spreads them over.
     #[arg(long, env = "TAKUMO_BENCH_CONNECTIONS", default_value_t = 4)]
     connections: usize,
-    /// Valid keys the warm phases cycle over.
+    /// The h2load binary (Debian: `apt-get install -y nghttp2-client`, which also brings `nghttp`).
+    #[arg(long, env = "TAKUMO_BENCH_H2LOAD", default_value = "h2load")]
+    h2load: PathBuf,
+    /// h2load connections (`-c`).
+    #[arg(long, env = "TAKUMO_BENCH_H2LOAD_CONNECTIONS", default_value_t = 8)]
+    h2load_connections: usize,
+    /// h2load concurrent streams per connection (`-m`); in flight = connections × streams.
+    #[arg(long, env = "TAKUMO_BENCH_H2LOAD_STREAMS", default_value_t = 32)]
+    h2load_streams: usize,
+    /// Valid keys the own client's warm phases cycle over (h2load verifies the first).
     #[arg(long, env = "TAKUMO_BENCH_WARM_KEYS", default_value_t = 8)]
     warm_keys: usize,
-    /// Fresh keys created for the cold phase; each is verified exactly once.
-    #[arg(long, env = "TAKUMO_BENCH_COLD_KEYS", default_value_t = 200)]
+    /// Distinct keys for the cold phase, each verified exactly once; the restart
+    /// phase spreads its load over the same keys.
+    #[arg(long, env = "TAKUMO_BENCH_COLD_KEYS", default_value_t = 20_000)]
     cold_keys: usize,
-    /// Requests in flight in the cold phase (and while creating keys).
-    #[arg(long, env = "TAKUMO_BENCH_COLD_CONCURRENCY", default_value_t = 4)]
-    cold_concurrency: usize,
-    /// Wrong-secret requests the attacking client keeps in flight.
+    /// Concurrent CreateKey calls while creating the keys.
+    #[arg(long, env = "TAKUMO_BENCH_CREATE_CONCURRENCY", default_value_t = 16)]
+    create_concurrency: usize,
+    /// Fresh keys verified once each while the flood runs (legitimate first sights).
+    #[arg(long, env = "TAKUMO_BENCH_FRESH_KEYS", default_value_t = 200)]
+    fresh_keys: usize,
+    /// Requests in flight for those first verifications (a low, legitimate rate).
+    #[arg(long, env = "TAKUMO_BENCH_FRESH_CONCURRENCY", default_value_t = 4)]
+    fresh_concurrency: usize,
+    /// Wrong-secret requests the own client's attacking side keeps in flight.
     #[arg(long, env = "TAKUMO_BENCH_FLOOD_CONCURRENCY", default_value_t = 16)]
     flood_concurrency: usize,
-    /// HTTP/2 connections of the attacking client (separate from the main client's).
+    /// HTTP/2 connections of that attacking side (separate from the main client's).
     #[arg(long, env = "TAKUMO_BENCH_FLOOD_CONNECTIONS", default_value_t = 2)]
     flood_connections: usize,
     /// PostgreSQL only: rounds of the cross-replica propagation phase (0 skips it).
@@ -110,6 +162,12 @@ struct Opts {
     /// first (disable, revoke, delete in turn) and times until the second agrees.
     #[arg(long, env = "TAKUMO_BENCH_PROPAGATION_ROUNDS", default_value_t = 30)]
     propagation_rounds: usize,
+    /// PostgreSQL only: seconds of load over the cold keys before the server is killed.
+    #[arg(long, env = "TAKUMO_BENCH_RESTART_BEFORE", default_value_t = 3.0)]
+    restart_before: f64,
+    /// PostgreSQL only: seconds the load goes on after the restarted server answers health (0 skips the phase).
+    #[arg(long, env = "TAKUMO_BENCH_RESTART_AFTER", default_value_t = 10.0)]
+    restart_after: f64,
     /// Tokio worker threads of this load generator.
     #[arg(long, env = "TAKUMO_BENCH_CLIENT_THREADS", default_value_t = 2)]
     client_threads: usize,
@@ -127,10 +185,10 @@ struct Opts {
     /// Server binary; cargo builds it for benches, so the default is the release build.
     #[arg(long, env = "TAKUMO_BENCH_SERVER_BIN", default_value = env!("CARGO_BIN_EXE_takumo-keys"))]
     server_bin: PathBuf,
-    /// Where the Markdown report goes.
-    #[arg(long, env = "TAKUMO_BENCH_DOCS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/performance.md"))]
+    /// The results file, rewritten whole on each run.
+    #[arg(long, env = "TAKUMO_BENCH_DOCS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/performance-results.md"))]
     docs: PathBuf,
-    /// Print the report only; leave docs/performance.md alone.
+    /// Print the results only; leave the results file alone.
     #[arg(long, env = "TAKUMO_BENCH_NO_DOCS")]
     no_docs: bool,
     /// Passed by `cargo bench`. Without it (as under `cargo test --all-targets`)
@@ -160,17 +218,17 @@ fn main() {
         eprintln!("verify: not run (no --bench); use `cargo bench --bench verify [-- FLAGS]`");
         return;
     }
-    assert!(opts.concurrency > 0 && opts.connections > 0 && opts.cold_concurrency > 0);
+    assert!(opts.concurrency > 0 && opts.connections > 0, "--concurrency and --connections must be at least 1");
     assert!(opts.warm_keys > 0, "--warm-keys must be at least 1");
-    if !opts.server_bin.exists() {
-        // `cargo bench` builds the binary; a custom path may not exist yet.
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--bin", "takumo-keys"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build --release failed");
-    }
+    assert!(opts.h2load_connections > 0 && opts.h2load_streams > 0, "h2load needs a connection and a stream");
+    ensure_server_built(&opts);
+    let h2load =
+        H2load { bin: opts.h2load.clone(), connections: opts.h2load_connections, streams: opts.h2load_streams };
+    // Checked before any work: without h2load the run has no throughput ratios.
+    let h2load_version = h2load.version().unwrap_or_else(|e| {
+        eprintln!("verify: {e}");
+        std::process::exit(2);
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.client_threads.max(1))
         .enable_all()
@@ -185,7 +243,7 @@ fn main() {
         // drops the database before exiting.
         let report = rt.block_on(async {
             tokio::select! {
-                r = run_backend(backend, &opts) => Some(r),
+                r = run_backend(backend, &opts, &h2load) => Some(r),
                 () = interrupted() => None,
             }
         });
@@ -193,31 +251,36 @@ fn main() {
             eprintln!("interrupted: server stopped");
             std::process::exit(130);
         };
-        println!("\n### {}\n\n{}", backend.title(), report.table(&opts));
-        if let Some(p) = report.propagation_section("####") {
-            println!("{p}");
-        }
+        println!("\n{}", report.section(&opts));
         reports.push(report);
     }
-    let markdown = render_doc(&opts, &reports, started.elapsed());
     println!("\n{}", targets_section(&opts, &reports));
     if !opts.no_docs {
-        let analysis = std::fs::read_to_string(&opts.docs)
-            .ok()
-            .and_then(|old| old.find("\n## Analysis").map(|i| old[i + 1..].to_owned()))
-            .unwrap_or_else(|| ANALYSIS_PLACEHOLDER.to_owned());
-        if let Some(dir) = opts.docs.parent() {
-            std::fs::create_dir_all(dir).expect("create docs/");
-        }
-        std::fs::write(&opts.docs, format!("{markdown}\n{analysis}")).expect("write docs");
-        eprintln!("wrote {}", opts.docs.display());
+        write_results(&opts.docs, &render_results(&opts, &reports, &h2load_version, started.elapsed()));
     }
     eprintln!("total {:.0?}", started.elapsed());
+    let failed: Vec<&String> = reports.iter().flat_map(|r| &r.check_failures).collect();
+    if !failed.is_empty() {
+        eprintln!("\nFAILED: {} h2load check(s) did not hold; those figures are not trustworthy:", failed.len());
+        for f in failed {
+            eprintln!("  - {f}");
+        }
+        std::process::exit(1);
+    }
 }
 
-const ANALYSIS_PLACEHOLDER: &str = "## Analysis\n\n_To be filled in by the engineer: where the time goes, \
-what changed since the previous run, and which targets remain open and why. This section is kept when \
-the benchmark rewrites this file._\n";
+/// `cargo bench` builds the server binary; a custom `--server-bin` may not exist yet.
+fn ensure_server_built(opts: &Opts) {
+    if opts.server_bin.exists() {
+        return;
+    }
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "takumo-keys"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --release failed");
+}
 
 // ---------------------------------------------------------------------------
 // One backend: server process, keys, phases.
@@ -228,6 +291,11 @@ struct BackendReport {
     notes: Vec<String>,
     /// PostgreSQL with `--propagation-rounds` > 0 only.
     propagation: Option<Propagation>,
+    /// PostgreSQL with `--restart-after` > 0 only.
+    restart: Option<Restart>,
+    /// h2load pre- and post-checks that did not hold, for the exit status.
+    check_failures: Vec<String>,
+    pg_version: Option<String>,
 }
 
 /// Statements the server sent to PostgreSQL during one measured window.
@@ -240,31 +308,75 @@ struct DbWindow {
 #[derive(Clone)]
 struct Row {
     kind: Phase,
+    client: Client,
     label: String,
     in_flight: String,
     stats: Stats,
     /// Server process CPU seconds over the phase.
     server_cpu_s: Option<f64>,
     db: Option<DbWindow>,
+    /// The server's own counters over the phase.
+    counters: Option<Counters>,
+    /// h2load's mean request time (it reports no percentiles).
+    mean: Option<Duration>,
     extra: String,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
     Baseline,
     Warm,
     Malformed,
     Cold,
-    Flooded,
-    Flood,
+    WarmBeforeFlood,
+    WarmUnderFlood,
+    FreshUnderFlood,
+    ForgedFlood,
+    WrongSecretFlood,
 }
 
-async fn run_backend(backend: Backend, opts: &Opts) -> BackendReport {
+/// Which load generator produced a figure.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Client {
+    H2load,
+    Own,
+}
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::H2load => "h2load",
+            Client::Own => "own (tonic)",
+        }
+    }
+}
+
+/// What the phases share: the running server's address and counters, the
+/// own client's connections, the service token.
+struct Ctx<'a> {
+    opts: &'a Opts,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    channels: Vec<Channel>,
+    auth: AsciiMetadataValue,
+    cpu: ProcCpu,
+    counter: Option<Arc<StatementCounter>>,
+    /// Where h2load's body files go.
+    dir: PathBuf,
+}
+
+/// The keys a run creates (secrets as returned by CreateKey).
+struct Keys {
+    warm: Vec<String>,
+    cold: Vec<String>,
+    fresh: Vec<String>,
+}
+
+async fn run_backend(backend: Backend, opts: &Opts, h2load: &H2load) -> BackendReport {
     let tmp = tempfile::Builder::new().prefix("takumo-bench-").tempdir().expect("tempdir");
     let mut env: Vec<(String, String)> = vec![("TAKUMO_SERVICE_TOKENS".into(), format!("bench={SERVICE_TOKEN}"))];
     // Declared before the server so that it is dropped (the database dropped) after it.
     let mut pg: Option<PgDatabase> = None;
-    let mut counter: Option<Arc<StatementCounter>> = None;
     match backend {
         Backend::Sqlite => {
             let db = tmp.path().join("keys.db");
@@ -277,202 +389,72 @@ async fn run_backend(backend: Backend, opts: &Opts) -> BackendReport {
             pg = Some(db);
         }
     }
+    let pg_version = pg.as_ref().map(|db| db.psql("SHOW server_version"));
 
-    // Bootstrap (migrations, first key) talks to the database directly; the
-    // server goes through the counting proxy.
-    let bootstrap_key = bootstrap(opts, &env);
+    // Bootstrap (migrations, the organization on Enterprise so that 20,000
+    // keys fit) talks to the database directly; the server goes through the
+    // counting proxy.
+    bootstrap(opts, &env);
+    let mut counter: Option<Arc<StatementCounter>> = None;
     if let Some(db) = pg.as_ref().filter(|_| !opts.no_pg_proxy) {
         let (proxy_addr, c) = pg_proxy::start(&opts.pg_host, opts.pg_port);
         let url = db.url_via(&proxy_addr.ip().to_string(), proxy_addr.port());
         env.iter_mut().filter(|(k, _)| k == "DATABASE_URL").for_each(|(_, v)| *v = url.clone());
         counter = Some(c);
     }
-    let db_snap = || counter.as_ref().map(|c| (c.snapshot(), Instant::now()));
-    let db_since = |start: Option<(Counts, Instant)>| {
-        start.map(|(c0, t0)| DbWindow {
-            counts: counter.as_ref().expect("counter").snapshot().minus(&c0),
-            secs: t0.elapsed().as_secs_f64(),
-        })
-    };
-    let addr = free_addr();
+    let (addr, metrics) = (free_addr(), free_addr());
     env.push(("TAKUMO_LISTEN".into(), addr.to_string()));
-    let server = Server::start(opts, &env, &tmp.path().join("server.log"));
+    env.push(("TAKUMO_METRICS_LISTEN".into(), metrics.to_string()));
+    let mut server = Server::start(opts, &env, &tmp.path().join("server.log"));
     server.wait_ready(addr).await;
-    eprintln!("server pid {} on {addr}", server.pid());
+    eprintln!("server pid {} on {addr} (metrics {metrics})", server.pid());
 
-    let channels = connect(addr, opts.connections).await;
-    let auth: AsciiMetadataValue = format!("Bearer {SERVICE_TOKEN}").parse().expect("ascii");
-    let admin = ApiKeyServiceClient::new(channels[0].clone());
-
-    // Keys: the bootstrap key plus created ones for the warm phases, fresh ones for the cold phase.
-    let t = Instant::now();
-    let mut warm_keys = vec![bootstrap_key];
-    warm_keys.extend(create_keys(&admin, &auth, opts.warm_keys.saturating_sub(1), opts.cold_concurrency, "warm").await);
-    let cold_keys = create_keys(&admin, &auth, opts.cold_keys, opts.cold_concurrency, "cold").await;
-    eprintln!("created {} keys in {:.1?}", warm_keys.len() - 1 + cold_keys.len(), t.elapsed());
-
-    let warm_reqs: Arc<[VerifyKeyRequest]> = warm_keys.iter().map(|k| verify_req(k)).collect();
-    let malformed_reqs: Arc<[VerifyKeyRequest]> = [
-        "tk_live_notakey".to_owned(),
-        "not-a-key-at-all".to_owned(),
-        // Right shape and alphabet, wrong checksum.
-        format!("{}000000", &warm_keys[0][..KEY_LEN - 6]),
-        format!("tk_test_{}", "x".repeat(KEY_LEN - 8)),
-    ]
-    .iter()
-    .map(|k| verify_req(k))
-    .collect();
-    let warm_ids: Arc<[String]> = warm_keys.iter().map(|k| k[ID_RANGE].to_owned()).collect();
-
-    let dur = Duration::from_secs_f64(opts.duration);
-    let warmup = Duration::from_secs_f64(opts.warmup);
-    let c = opts.concurrency;
-    let cpu = ProcCpu::new(server.pid());
-    let me = ProcCpu::new(std::process::id());
-    let mut rows = Vec::new();
+    let ctx = Ctx {
+        opts,
+        addr,
+        metrics,
+        channels: connect(addr, opts.connections).await,
+        auth: format!("Bearer {SERVICE_TOKEN}").parse().expect("ascii"),
+        cpu: ProcCpu::new(server.pid()),
+        counter,
+        dir: tmp.path().to_owned(),
+    };
     let mut notes = Vec::new();
-    let probe = Probe { cpu: &cpu, counter: counter.as_deref() };
+    let keys = create_all_keys(&ctx, &mut notes).await;
+    let mut rows = Vec::new();
+    let mut check_failures = Vec::new();
 
-    // (a) baseline, (b) warm and (c) malformed are measured interleaved, in
-    // rounds of a slice each, so that drifting machine load hits all three alike.
-    let health = |i: usize| HealthJob { client: HealthClient::new(channels[i % channels.len()].clone()) };
-    let warm = |i: usize| VerifyJob {
-        client: ApiKeyServiceClient::new(channels[i % channels.len()].clone()),
-        auth: auth.clone(),
-        reqs: warm_reqs.clone(),
-        next: i,
-        expect: Expect::Valid,
-    };
-    let malformed = |i: usize| VerifyJob {
-        client: ApiKeyServiceClient::new(channels[i % channels.len()].clone()),
-        auth: auth.clone(),
-        reqs: malformed_reqs.clone(),
-        next: i,
-        expect: Expect::Code(VerifyCode::Malformed),
-    };
-    // Warm-up: every warm key once (first sight), then each load for the warm-up time.
-    for k in warm_keys.iter() {
-        let mut j = warm(0);
-        j.reqs = Arc::new([verify_req(k)]);
-        if let Some(Outcome::Error(e)) = j.call().await {
-            eprintln!("warning: warm-up verify failed: {e}");
-        }
-    }
-    run_for(c, warmup, health).await;
-    run_for(c, warmup, warm).await;
-    run_for(c, warmup, malformed).await;
-
-    let rounds = opts.rounds.max(1);
-    let slice = dur / rounds as u32;
-    let (mut base_m, mut warm_m, mut bad_m) = (Measured::default(), Measured::default(), Measured::default());
-    let (sys0, srv0, me0, t0) = (sys_busy_seconds(), cpu.seconds(), me.seconds(), Instant::now());
-    for _ in 0..rounds {
-        base_m.add(probe.measure(c, slice, health).await);
-        warm_m.add(probe.measure(c, slice, warm).await);
-        bad_m.add(probe.measure(c, slice, malformed).await);
-    }
-    // CPU used by anything but the server and this bench (PostgreSQL included) while measuring.
-    let others = (|| {
-        let busy = sys_busy_seconds()? - sys0?;
-        let ours = (cpu.seconds()? - srv0?) + (me.seconds()? - me0?);
-        Some(((busy - ours) / t0.elapsed().as_secs_f64()).max(0.0))
-    })();
-    if let Some(o) = others {
-        let flag = if o > 0.25 { " — **noisy: compare with care**" } else { "" };
-        notes.push(format!(
-            "other processes used {o:.2} CPUs on average while baseline, warm and malformed were measured{flag}"
-        ));
-    }
-    rows.push(base_m.row(Phase::Baseline, "health baseline (`Health/Check`)", c.to_string()));
-    rows.push(warm_m.row(Phase::Warm, &format!("warm verify ({} keys)", warm_keys.len()), c.to_string()));
-    rows.push(bad_m.row(Phase::Malformed, "malformed verify", c.to_string()));
-    eprintln!("baseline, warm, malformed done ({rounds} rounds)");
-
-    // (d) Cold verify: each fresh key once.
-    if !cold_keys.is_empty() {
-        let cold_reqs: Arc<[VerifyKeyRequest]> = cold_keys.iter().map(|k| verify_req(k)).collect();
-        let next = Arc::new(AtomicUsize::new(0));
-        let cold = |i: usize| ColdJob {
-            client: ApiKeyServiceClient::new(channels[i % channels.len()].clone()),
-            auth: auth.clone(),
-            reqs: cold_reqs.clone(),
-            next: next.clone(),
-        };
-        let (cpu0, db0) = (cpu.seconds(), db_snap());
-        let stats = run_jobs((0..opts.cold_concurrency).map(cold).collect(), None, None).await;
-        let cold_p50 = stats.percentile(0.5);
-        let mut row = Row::new(
-            Phase::Cold,
-            &format!("cold verify ({} fresh keys, once each)", cold_keys.len()),
-            opts.cold_concurrency.to_string(),
-            stats,
-            cpu.since(cpu0),
-        );
-        row.db = db_since(db0);
-        if cold_p50.is_some_and(|p| p < Duration::from_millis(5)) {
-            row.extra = "p50 < 5 ms: argon2 did not run? (keys cached at creation?)".into();
-        }
-        rows.push(row);
+    rows.extend(own_client_rounds(&ctx, &keys, &mut notes).await);
+    eprintln!("own client: baseline, warm, malformed done");
+    rows.extend(h2load_rounds(&ctx, h2load, &keys, &mut check_failures).await);
+    eprintln!("h2load: baseline, warm, malformed done");
+    if !keys.cold.is_empty() {
+        rows.push(cold_phase(&ctx, &keys.cold).await);
         eprintln!("cold done");
     }
-
-    // (e) Warm verify while a second client floods wrong secrets for the same ids.
-    let flood_channels = connect(addr, opts.flood_connections.max(1)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood_jobs: Vec<FloodJob> = (0..opts.flood_concurrency)
-        .map(|i| FloodJob {
-            client: ApiKeyServiceClient::new(flood_channels[i % flood_channels.len()].clone()),
-            auth: auth.clone(),
-            ids: warm_ids.clone(),
-            next: i,
-            rng: rand::SeedableRng::from_os_rng(),
-        })
-        .collect();
-    let flood = if flood_jobs.is_empty() {
-        None
-    } else {
-        let stop = stop.clone();
-        Some(tokio::spawn(async move { run_jobs(flood_jobs, None, Some(stop)).await }))
-    };
-    run_for(c, warmup, warm).await;
-    let (cpu0, db0) = (cpu.seconds(), db_snap());
-    let stats = run_for(c, dur, warm).await;
-    let (server_cpu, db) = (cpu.since(cpu0), db_since(db0));
-    stop.store(true, Ordering::Relaxed);
-    let in_flight = if flood.is_some() { format!("{c} + {} flood", opts.flood_concurrency) } else { c.to_string() };
-    let mut row = Row::new(Phase::Flooded, "warm verify under wrong-secret flood", in_flight, stats, server_cpu);
-    row.db = db;
-    rows.push(row);
-    if let Some(flood) = flood {
-        let stats = flood.await.expect("flood task");
-        let mut row = Row::new(
-            Phase::Flood,
-            "↳ the flood itself (wrong secrets, expect NOT_FOUND)",
-            opts.flood_concurrency.to_string(),
-            stats,
-            None,
-        );
-        if row.stats.shed > 0 {
-            row.extra = format!("{} shed (RESOURCE_EXHAUSTED)", row.stats.shed);
-        }
-        rows.push(row);
-    }
+    rows.extend(flood_phase(&ctx, h2load, &keys, &mut check_failures).await);
     eprintln!("flood done");
 
     // (f) Cross-replica propagation: a second server process on the same
-    // database (same environment, its own port). Started only now, so that its
+    // database (same environment, its own ports). Started only now, so that its
     // background work stays out of the measured windows above; killed on drop
     // like the first, panics and interrupts included.
     let mut propagation = None;
     if backend == Backend::Postgres && opts.propagation_rounds > 0 {
-        let addr_b = free_addr();
+        let (addr_b, metrics_b) = (free_addr(), free_addr());
         let mut env_b = env.clone();
-        env_b.iter_mut().filter(|(k, _)| k == "TAKUMO_LISTEN").for_each(|(_, v)| *v = addr_b.to_string());
+        for (k, v) in env_b.iter_mut() {
+            match k.as_str() {
+                "TAKUMO_LISTEN" => *v = addr_b.to_string(),
+                "TAKUMO_METRICS_LISTEN" => *v = metrics_b.to_string(),
+                _ => {}
+            }
+        }
         let server_b = Server::start(opts, &env_b, &tmp.path().join("server-b.log"));
         server_b.wait_ready(addr_b).await;
         eprintln!("replica B: server pid {} on {addr_b}", server_b.pid());
         let channel_b = connect(addr_b, 1).await.remove(0);
-        let mut p = run_propagation(channels[0].clone(), channel_b, &auth, opts.propagation_rounds).await;
+        let mut p = run_propagation(ctx.channels[0].clone(), channel_b, &ctx.auth, opts.propagation_rounds).await;
         let log_b = server_b.stop();
         if let Some(w) = warnings(&log_b) {
             p.notes.push(format!("replica B logged warnings/errors, e.g. {w}"));
@@ -481,8 +463,16 @@ async fn run_backend(backend: Backend, opts: &Opts) -> BackendReport {
         propagation = Some(p);
     }
 
+    // (g) Restart, last: it replaces the server process.
+    let mut restart = None;
+    if backend == Backend::Postgres && opts.restart_after > 0.0 && !keys.cold.is_empty() {
+        let r = restart_phase(&ctx, &mut server, &env, &keys.cold).await;
+        eprintln!("restart done: {}", r.summary());
+        restart = Some(r);
+    }
+
     let log = server.stop();
-    if counter.as_ref().is_some_and(|c| c.opaque.load(Ordering::Relaxed) > 0) {
+    if ctx.counter.as_ref().is_some_and(|c| c.opaque.load(Ordering::Relaxed) > 0) {
         notes.push("some PostgreSQL connections negotiated TLS/GSS, so their statements were not counted".into());
     }
     if let Some(w) = warnings(&log) {
@@ -490,11 +480,32 @@ async fn run_backend(backend: Backend, opts: &Opts) -> BackendReport {
     }
     for r in &rows {
         for e in &r.stats.first_errors {
-            notes.push(format!("{}: {e}", r.label));
+            notes.push(format!("{} ({}): {e}", r.label, r.client.name()));
         }
     }
     drop(pg);
-    BackendReport { backend, rows, notes, propagation }
+    BackendReport { backend, rows, notes, propagation, restart, check_failures, pg_version }
+}
+
+/// Warm keys, cold keys and fresh keys, created concurrently through CreateKey.
+async fn create_all_keys(ctx: &Ctx<'_>, notes: &mut Vec<String>) -> Keys {
+    let opts = ctx.opts;
+    let t = Instant::now();
+    let create = |n: usize, tag: &'static str| create_keys(&ctx.channels, &ctx.auth, n, opts.create_concurrency, tag);
+    let keys = Keys {
+        warm: create(opts.warm_keys, "warm").await,
+        cold: create(opts.cold_keys, "cold").await,
+        fresh: create(opts.fresh_keys, "fresh").await,
+    };
+    let n = keys.warm.len() + keys.cold.len() + keys.fresh.len();
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("created {n} keys in {secs:.1} s");
+    notes.push(format!(
+        "setup: {n} keys created through `CreateKey` ({} concurrent, own client) in {secs:.1} s, {} keys/s",
+        opts.create_concurrency,
+        fmt_rps(n as f64 / secs.max(1e-9))
+    ));
+    keys
 }
 
 /// Up to three WARN/ERROR lines of a server log, quoted, if there are any.
@@ -507,6 +518,28 @@ fn verify_req(key: &str) -> VerifyKeyRequest {
     VerifyKeyRequest { key: key.to_owned(), required_scopes: vec![REQUIRED_SCOPE.to_owned()], organization_id: None }
 }
 
+/// `key` with its checksum replaced by a wrong one: the right length and
+/// alphabet, refused at the checksum (no store, no argon2).
+fn with_wrong_checksum(key: &str) -> String {
+    let body = &key[..KEY_LEN - 6];
+    let wrong = if &key[KEY_LEN - 6..] == "000000" { "000001" } else { "000000" };
+    format!("{body}{wrong}")
+}
+
+/// An attacker's guess: `tk_live_` + a real key id + a random 32-character
+/// secret + the valid checksum, so it passes every cheap check.
+fn forged_key(id: &str, rng: &mut impl rand::Rng) -> String {
+    let mut key = String::with_capacity(KEY_LEN);
+    key.push_str("tk_live_");
+    key.push_str(id);
+    for _ in 0..32 {
+        key.push(BASE62[rng.random_range(0..62)] as char);
+    }
+    let sum = checksum(&key);
+    key.push_str(&sum);
+    key
+}
+
 /// Runs `concurrency` jobs made by `make` for `dur`.
 async fn run_for<J: Job>(concurrency: usize, dur: Duration, make: impl Fn(usize) -> J) -> Stats {
     if dur.is_zero() {
@@ -515,24 +548,140 @@ async fn run_for<J: Job>(concurrency: usize, dur: Duration, make: impl Fn(usize)
     run_jobs((0..concurrency).map(make).collect(), Some(Instant::now() + dur), None).await
 }
 
-/// What one timed slice measures besides the load itself.
-struct Probe<'a> {
-    cpu: &'a ProcCpu,
-    counter: Option<&'a StatementCounter>,
+// ---------------------------------------------------------------------------
+// Measuring a window: server CPU, PostgreSQL statements, server counters.
+
+/// The server's Prometheus counters the report uses.
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    argon2_verifications: Option<f64>,
+    argon2_hashes: Option<f64>,
+    /// Exported once the server rehashes keys on verification.
+    argon2_rehashes: Option<f64>,
+    key_reads: Option<f64>,
+    valid: f64,
+    malformed: f64,
+    /// VerifyKey answered with any gRPC status but OK.
+    verify_not_ok: f64,
+    list_keys_unauthenticated: f64,
 }
 
-impl Probe<'_> {
-    async fn measure<J: Job>(&self, c: usize, dur: Duration, make: impl Fn(usize) -> J) -> Measured {
-        let (cpu0, db0, t0) = (self.cpu.seconds(), self.counter.map(|c| c.snapshot()), Instant::now());
-        let stats = run_for(c, dur, make).await;
-        Measured {
-            server_cpu_s: self.cpu.since(cpu0),
-            db: self
-                .counter
-                .zip(db0)
-                .map(|(c, c0)| DbWindow { counts: c.snapshot().minus(&c0), secs: t0.elapsed().as_secs_f64() }),
-            stats,
+impl Counters {
+    fn scrape(addr: SocketAddr) -> Option<Counters> {
+        let t = scrape(addr).ok()?;
+        let all = |name: &str, filter: &[&str]| metric(&t, name, filter).unwrap_or(0.0);
+        let verify = ["method=\"VerifyKey\""];
+        Some(Counters {
+            argon2_verifications: metric(&t, "takumo_keys_argon2_verifications_total", &[]),
+            argon2_hashes: metric(&t, "takumo_keys_argon2_hashes_total", &[]),
+            argon2_rehashes: metric(&t, "takumo_keys_argon2_rehashes_total", &[]),
+            key_reads: metric(&t, "takumo_keys_store_key_reads_total", &[]),
+            valid: all("takumo_keys_verify_outcomes_total", &["code=\"valid\""]),
+            malformed: all("takumo_keys_verify_outcomes_total", &["code=\"malformed\""]),
+            verify_not_ok: all("takumo_keys_rpc_requests_total", &verify)
+                - all("takumo_keys_rpc_requests_total", &[verify[0], "code=\"OK\""]),
+            list_keys_unauthenticated: all(
+                "takumo_keys_rpc_requests_total",
+                &["method=\"ListKeys\"", "code=\"Unauthenticated\""],
+            ),
+        })
+    }
+
+    fn minus(&self, o: &Counters) -> Counters {
+        let d = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        Counters {
+            argon2_verifications: d(self.argon2_verifications, o.argon2_verifications),
+            argon2_hashes: d(self.argon2_hashes, o.argon2_hashes),
+            argon2_rehashes: d(self.argon2_rehashes, o.argon2_rehashes),
+            key_reads: d(self.key_reads, o.key_reads),
+            valid: self.valid - o.valid,
+            malformed: self.malformed - o.malformed,
+            verify_not_ok: self.verify_not_ok - o.verify_not_ok,
+            list_keys_unauthenticated: self.list_keys_unauthenticated - o.list_keys_unauthenticated,
         }
+    }
+
+    fn plus(&self, o: &Counters) -> Counters {
+        let s = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+        Counters {
+            argon2_verifications: s(self.argon2_verifications, o.argon2_verifications),
+            argon2_hashes: s(self.argon2_hashes, o.argon2_hashes),
+            argon2_rehashes: s(self.argon2_rehashes, o.argon2_rehashes),
+            key_reads: s(self.key_reads, o.key_reads),
+            valid: self.valid + o.valid,
+            malformed: self.malformed + o.malformed,
+            verify_not_ok: self.verify_not_ok + o.verify_not_ok,
+            list_keys_unauthenticated: self.list_keys_unauthenticated + o.list_keys_unauthenticated,
+        }
+    }
+}
+
+/// The start of a measured window.
+struct Mark {
+    cpu: Option<f64>,
+    db: Option<Counts>,
+    counters: Option<Counters>,
+    at: Instant,
+}
+
+impl Ctx<'_> {
+    fn mark(&self) -> Mark {
+        // Counters first, so that the scrape's own CPU falls outside the window.
+        let counters = Counters::scrape(self.metrics);
+        Mark { cpu: self.cpu.seconds(), db: self.counter.as_ref().map(|c| c.snapshot()), counters, at: Instant::now() }
+    }
+
+    /// What happened on the server since `m`, around `stats`.
+    fn since(&self, m: Mark, stats: Stats) -> Measured {
+        let cpu = self.cpu.since(m.cpu);
+        let db = self
+            .counter
+            .as_ref()
+            .zip(m.db)
+            .map(|(c, c0)| DbWindow { counts: c.snapshot().minus(&c0), secs: m.at.elapsed().as_secs_f64() });
+        let counters = m.counters.and_then(|c0| Some(Counters::scrape(self.metrics)?.minus(&c0)));
+        Measured { stats, server_cpu_s: cpu, db, counters, h2load: None }
+    }
+
+    /// Runs `concurrency` own-client jobs for `dur` and measures the window.
+    async fn measure<J: Job>(&self, concurrency: usize, dur: Duration, make: impl Fn(usize) -> J) -> Measured {
+        let m = self.mark();
+        let stats = run_for(concurrency, dur, make).await;
+        self.since(m, stats)
+    }
+
+    /// Runs own-client jobs until they run out of work and measures the window.
+    async fn measure_jobs<J: Job>(&self, jobs: Vec<J>) -> Measured {
+        let m = self.mark();
+        let stats = run_jobs(jobs, None, None).await;
+        self.since(m, stats)
+    }
+
+    fn health(&self, i: usize) -> HealthJob {
+        HealthJob { client: HealthClient::new(self.channels[i % self.channels.len()].clone()) }
+    }
+
+    fn verify_job(&self, i: usize, reqs: &Arc<[VerifyKeyRequest]>, expect: Expect) -> VerifyJob {
+        VerifyJob {
+            client: ApiKeyServiceClient::new(self.channels[i % self.channels.len()].clone()),
+            auth: self.auth.clone(),
+            reqs: reqs.clone(),
+            next: i,
+            expect,
+        }
+    }
+
+    /// Jobs that verify each of `reqs` exactly once between them.
+    fn once_each(&self, concurrency: usize, reqs: Arc<[VerifyKeyRequest]>) -> Vec<ColdJob> {
+        let next = Arc::new(AtomicUsize::new(0));
+        (0..concurrency.max(1))
+            .map(|i| ColdJob {
+                client: ApiKeyServiceClient::new(self.channels[i % self.channels.len()].clone()),
+                auth: self.auth.clone(),
+                reqs: reqs.clone(),
+                next: next.clone(),
+            })
+            .collect()
     }
 }
 
@@ -542,6 +691,9 @@ struct Measured {
     stats: Stats,
     server_cpu_s: Option<f64>,
     db: Option<DbWindow>,
+    counters: Option<Counters>,
+    /// h2load phases: what it reported, summed.
+    h2load: Option<H2loadRun>,
 }
 
 impl Measured {
@@ -555,32 +707,701 @@ impl Measured {
             (Some(a), Some(b)) => Some(DbWindow { counts: a.counts.plus(&b.counts), secs: a.secs + b.secs }),
             (a, b) => a.or(b),
         };
+        self.counters = match (self.counters, m.counters) {
+            (Some(a), Some(b)) => Some(a.plus(&b)),
+            (a, b) => a.or(b),
+        };
+        self.h2load = match (self.h2load.take(), m.h2load) {
+            (Some(mut a), Some(b)) => {
+                a.merge(&b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
     }
 
-    fn row(self, kind: Phase, label: &str, in_flight: String) -> Row {
-        let mut row = Row::new(kind, label, in_flight, self.stats, self.server_cpu_s);
-        row.db = self.db;
-        row
+    fn row(self, kind: Phase, client: Client, label: &str, in_flight: String) -> Row {
+        Row {
+            kind,
+            client,
+            label: label.to_owned(),
+            in_flight,
+            stats: self.stats,
+            server_cpu_s: self.server_cpu_s,
+            db: self.db,
+            counters: self.counters,
+            mean: self.h2load.as_ref().filter(|r| r.succeeded > 0).map(|r| Duration::from_secs_f64(r.mean_us / 1e6)),
+            extra: String::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Phases.
+
+/// Baseline, warm and malformed with the own client, interleaved in rounds of
+/// a slice each, so that drifting machine load hits all three alike.
+async fn own_client_rounds(ctx: &Ctx<'_>, keys: &Keys, notes: &mut Vec<String>) -> Vec<Row> {
+    let opts = ctx.opts;
+    let c = opts.concurrency;
+    let warm_reqs: Arc<[VerifyKeyRequest]> = keys.warm.iter().map(|k| verify_req(k)).collect();
+    let malformed_reqs = malformed_requests(&keys.warm[0]);
+    let warm = |i: usize| ctx.verify_job(i, &warm_reqs, Expect::Valid);
+    let malformed = |i: usize| ctx.verify_job(i, &malformed_reqs, Expect::Code(VerifyCode::Malformed));
+    let health = |i: usize| ctx.health(i);
+
+    // Warm-up: every warm key once (first sight), then each load for the warm-up time.
+    for k in &keys.warm {
+        let mut j = warm(0);
+        j.reqs = Arc::new([verify_req(k)]);
+        if let Some(Outcome::Error(e)) = j.call().await {
+            eprintln!("warning: warm-up verify failed: {e}");
+        }
+    }
+    let warmup = Duration::from_secs_f64(opts.warmup);
+    run_for(c, warmup, health).await;
+    run_for(c, warmup, warm).await;
+    run_for(c, warmup, malformed).await;
+
+    let rounds = opts.rounds.max(1);
+    let slice = Duration::from_secs_f64(opts.duration) / rounds as u32;
+    let (mut base_m, mut warm_m, mut bad_m) = (Measured::default(), Measured::default(), Measured::default());
+    let me = ProcCpu::new(std::process::id());
+    let (sys0, srv0, me0, t0) = (sys_busy_seconds(), ctx.cpu.seconds(), me.seconds(), Instant::now());
+    for _ in 0..rounds {
+        base_m.add(ctx.measure(c, slice, health).await);
+        warm_m.add(ctx.measure(c, slice, warm).await);
+        bad_m.add(ctx.measure(c, slice, malformed).await);
+    }
+    // CPU used by anything but the server and this bench (PostgreSQL included) while measuring.
+    let others = (|| {
+        let busy = sys_busy_seconds()? - sys0?;
+        let ours = (ctx.cpu.seconds()? - srv0?) + (me.seconds()? - me0?);
+        Some(((busy - ours) / t0.elapsed().as_secs_f64()).max(0.0))
+    })();
+    if let Some(o) = others {
+        let flag = if o > 0.25 { " — **noisy: compare with care**" } else { "" };
+        notes.push(format!(
+            "other processes used {o:.2} CPUs on average while the own client measured baseline, warm and \
+             malformed{flag}"
+        ));
+    }
+    let n = keys.warm.len();
+    vec![
+        base_m.row(Phase::Baseline, Client::Own, "health baseline (`Health/Check`)", c.to_string()),
+        warm_m.row(Phase::Warm, Client::Own, &format!("warm verify ({n} keys)"), c.to_string()),
+        bad_m.row(Phase::Malformed, Client::Own, "malformed verify (4 kinds)", c.to_string()),
+    ]
+}
+
+fn malformed_requests(key: &str) -> Arc<[VerifyKeyRequest]> {
+    [
+        "tk_live_notakey".to_owned(),
+        "not-a-key-at-all".to_owned(),
+        // Right shape and alphabet, wrong checksum.
+        with_wrong_checksum(key),
+        format!("tk_test_{}", "x".repeat(KEY_LEN - 8)),
+    ]
+    .iter()
+    .map(|k| verify_req(k))
+    .collect()
+}
+
+/// A call h2load repeats, and what its answer must be.
+struct H2Call {
+    kind: Phase,
+    target: GrpcTarget,
+    expect: H2Expect,
+}
+
+#[derive(Clone)]
+enum H2Expect {
+    Serving,
+    Verify(VerifyKeyRequest, Expect),
+    Unauthenticated(ListKeysRequest),
+}
+
+impl H2Call {
+    fn health(ctx: &Ctx<'_>) -> H2Call {
+        let msg = HealthCheckRequest { service: String::new() };
+        let target =
+            GrpcTarget::new(ctx.addr, HEALTH_PATH, bearer(&ctx.auth), &grpc_frame(&msg), &ctx.dir, "health.bin");
+        H2Call { kind: Phase::Baseline, target, expect: H2Expect::Serving }
+    }
+
+    fn verify(ctx: &Ctx<'_>, kind: Phase, key: &str, expect: Expect, file: &str) -> H2Call {
+        let msg = verify_req(key);
+        let target = GrpcTarget::new(ctx.addr, VERIFY_PATH, bearer(&ctx.auth), &grpc_frame(&msg), &ctx.dir, file);
+        H2Call { kind, target, expect: H2Expect::Verify(msg, expect) }
+    }
+
+    /// A management call presenting a forged key as its credential.
+    fn forged_list_keys(ctx: &Ctx<'_>, forged: &str) -> H2Call {
+        let msg = ListKeysRequest::default();
+        let auth = format!("Bearer {forged}");
+        let target = GrpcTarget::new(ctx.addr, LIST_KEYS_PATH, &auth, &grpc_frame(&msg), &ctx.dir, "forged.bin");
+        H2Call { kind: Phase::ForgedFlood, target, expect: H2Expect::Unauthenticated(msg) }
+    }
+
+    /// The gRPC status the answer must carry.
+    fn grpc_status(&self) -> Code {
+        match self.expect {
+            H2Expect::Unauthenticated(_) => Code::Unauthenticated,
+            _ => Code::Ok,
+        }
+    }
+
+    /// Before h2load runs it: the same request through the own tonic client
+    /// (status, `valid`, `code`), then the exact body file and headers
+    /// through `nghttp` (the gRPC status h2load cannot see).
+    async fn precheck(&self, ctx: &Ctx<'_>) -> Result<(), String> {
+        let on_disk = std::fs::read(&self.target.body_file).map_err(|e| format!("read the body file: {e}"))?;
+        let payload = grpc_payload(&on_disk)?;
+        let ch = ctx.channels[0].clone();
+        let auth: AsciiMetadataValue =
+            self.target.header("authorization").expect("authorization header").parse().expect("ascii");
+        let own = match &self.expect {
+            H2Expect::Serving => {
+                let msg = HealthCheckRequest::decode(payload).map_err(|e| e.to_string())?;
+                match HealthClient::new(ch).check(authed(msg, &auth)).await {
+                    Ok(r) if r.get_ref().status() == ServingStatus::Serving => Ok(()),
+                    Ok(r) => Err(format!("health status {:?}", r.get_ref().status())),
+                    Err(s) => Err(status_text(&s)),
+                }
+            }
+            H2Expect::Verify(msg, expect) => {
+                let decoded = VerifyKeyRequest::decode(payload).map_err(|e| e.to_string())?;
+                assert_eq!(&decoded, msg, "the body file holds another request");
+                match check_verify(ApiKeyServiceClient::new(ch).verify_key(authed(decoded, &auth)).await, *expect) {
+                    Outcome::Ok => Ok(()),
+                    Outcome::Shed => Err("shed (RESOURCE_EXHAUSTED)".into()),
+                    Outcome::Error(e) => Err(e),
+                }
+            }
+            H2Expect::Unauthenticated(msg) => {
+                let decoded = ListKeysRequest::decode(payload).map_err(|e| e.to_string())?;
+                assert_eq!(&decoded, msg, "the body file holds another request");
+                match ApiKeyServiceClient::new(ch).list_keys(authed(decoded, &auth)).await {
+                    Err(s) if s.code() == Code::Unauthenticated => Ok(()),
+                    Err(s) => Err(format!("expected UNAUTHENTICATED, got {}", status_text(&s))),
+                    Ok(_) => Err("expected UNAUTHENTICATED, got OK: the forged key was accepted".into()),
+                }
+            }
+        };
+        own.map_err(|e| format!("own client: {e}"))?;
+        let (status, message) = tokio::task::spawn_blocking({
+            let t = self.target.clone();
+            move || nghttp_grpc_status(&t)
+        })
+        .await
+        .expect("nghttp task")?;
+        if status != self.grpc_status() as i32 {
+            return Err(format!(
+                "nghttp with the h2load body and headers: grpc-status {status} ({message}), expected {}",
+                self.grpc_status() as i32
+            ));
+        }
+        Ok(())
+    }
+
+    /// After an h2load run: the server's counters must account for every
+    /// request h2load counted as a success (h2load itself cannot tell).
+    fn postcheck(&self, run: &H2loadRun, counters: Option<&Counters>) -> Result<(), String> {
+        let Some(c) = counters else { return Ok(()) };
+        let n = run.succeeded as f64;
+        let (counted, what) = match &self.expect {
+            H2Expect::Serving => return Ok(()),
+            H2Expect::Verify(_, Expect::Valid) => (c.valid, "VALID"),
+            H2Expect::Verify(_, Expect::Code(VerifyCode::Malformed)) => (c.malformed, "MALFORMED"),
+            H2Expect::Verify(..) => return Ok(()),
+            H2Expect::Unauthenticated(_) => (c.list_keys_unauthenticated, "ListKeys UNAUTHENTICATED"),
+        };
+        if matches!(self.expect, H2Expect::Verify(..)) && c.verify_not_ok > 0.0 {
+            return Err(format!(
+                "the server answered {:.0} VerifyKey calls with a non-OK gRPC status",
+                c.verify_not_ok
+            ));
+        }
+        if counted < n {
+            return Err(format!("h2load counted {n:.0} successes, the server only {counted:.0} {what} answers"));
+        }
+        Ok(())
+    }
+
+    /// One h2load run of `dur`, checked before and after, with the server's CPU and counters around it.
+    async fn run(&self, ctx: &Ctx<'_>, h2load: &H2load, dur: Duration, failures: &mut Vec<String>) -> Measured {
+        let label = format!("{} ({:?})", self.target.url, self.kind);
+        if let Err(e) = self.precheck(ctx).await {
+            let msg = format!("h2load pre-check of {label}: {e}");
+            eprintln!("FAILED CHECK: {msg}");
+            failures.push(msg.clone());
+            return Measured { stats: Stats::failed(msg), ..Measured::default() };
+        }
+        let m = ctx.mark();
+        let result = tokio::task::spawn_blocking({
+            let (h, t) = (h2load.clone(), self.target.clone());
+            move || h.run(&t, dur)
+        })
+        .await
+        .expect("h2load task");
+        let run = match result {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("h2load on {label}: {e}"));
+                return Measured { stats: Stats::failed(e), ..Measured::default() };
+            }
+        };
+        let mut measured = ctx.since(m, h2load_stats(&run));
+        if let Err(e) = self.postcheck(&run, measured.counters.as_ref()) {
+            let msg = format!("h2load post-check of {label}: {e}");
+            eprintln!("FAILED CHECK: {msg}");
+            failures.push(msg.clone());
+            measured.stats.errors += run.succeeded.max(1);
+            measured.stats.first_errors.push(msg);
+        }
+        measured.h2load = Some(run);
+        measured
+    }
+}
+
+/// The message inside one uncompressed gRPC frame, if the frame is whole.
+fn grpc_payload(frame: &[u8]) -> Result<&[u8], String> {
+    let (head, payload) = frame.split_at_checked(5).ok_or("body file shorter than a gRPC frame header")?;
+    let len = u32::from_be_bytes(head[1..].try_into().expect("4 bytes")) as usize;
+    if head[0] != 0 || len != payload.len() {
+        return Err(format!("body file is not one uncompressed gRPC frame ({} bytes, header says {len})", frame.len()));
+    }
+    Ok(payload)
+}
+
+/// A request carrying `authorization: <auth>`.
+fn authed<T>(msg: T, auth: &AsciiMetadataValue) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert("authorization", auth.clone());
+    req
+}
+
+/// `+12 ms` / `-3 ms`.
+fn fmt_signed_ms(us: i64) -> String {
+    format!("{}{:.0} ms", if us < 0 { "-" } else { "+" }, us.unsigned_abs() as f64 / 1e3)
+}
+
+/// The bare `Bearer …` value of the service token, for h2load's header.
+fn bearer(auth: &AsciiMetadataValue) -> &str {
+    auth.to_str().expect("ascii")
+}
+
+/// h2load's counts as the own client's `Stats` (no latencies: it reports a mean only).
+fn h2load_stats(run: &H2loadRun) -> Stats {
+    Stats {
+        ok: run.succeeded,
+        errors: run.failed,
+        first_errors: if run.failed > 0 {
+            vec![format!("h2load: {} requests failed, errored, timed out or got a non-2xx status", run.failed)]
+        } else {
+            Vec::new()
+        },
+        elapsed: Duration::from_secs_f64(run.secs),
+        ..Stats::default()
+    }
+}
+
+/// Baseline, warm and malformed with h2load, interleaved in rounds.
+async fn h2load_rounds(ctx: &Ctx<'_>, h2load: &H2load, keys: &Keys, failures: &mut Vec<String>) -> Vec<Row> {
+    let opts = ctx.opts;
+    let calls = [
+        H2Call::health(ctx),
+        H2Call::verify(ctx, Phase::Warm, &keys.warm[0], Expect::Valid, "warm.bin"),
+        H2Call::verify(
+            ctx,
+            Phase::Malformed,
+            &with_wrong_checksum(&keys.warm[0]),
+            Expect::Code(VerifyCode::Malformed),
+            "malformed.bin",
+        ),
+    ];
+    // Unmeasured warm-up of each (checked like the measured runs).
+    let warmup = Duration::from_secs_f64(opts.warmup);
+    if !warmup.is_zero() {
+        for call in &calls {
+            call.run(ctx, h2load, warmup, failures).await;
+        }
+    }
+    let rounds = opts.rounds.max(1);
+    let slice = Duration::from_secs_f64(opts.duration) / rounds as u32;
+    let mut sums: Vec<Measured> = calls.iter().map(|_| Measured::default()).collect();
+    for _ in 0..rounds {
+        for (call, sum) in calls.iter().zip(&mut sums) {
+            sum.add(call.run(ctx, h2load, slice, failures).await);
+        }
+    }
+    let in_flight = format!("{} ({} × {})", h2load.connections * h2load.streams, h2load.connections, h2load.streams);
+    let labels = ["health baseline (`Health/Check`)", "warm verify (1 key)", "malformed verify (wrong checksum)"];
+    calls
+        .iter()
+        .zip(sums)
+        .zip(labels)
+        .map(|((call, m), label)| m.row(call.kind, Client::H2load, label, in_flight.clone()))
+        .collect()
+}
+
+/// Each cold key verified once, at the own client's usual concurrency, so
+/// that its rate compares with the own client's baseline.
+async fn cold_phase(ctx: &Ctx<'_>, cold: &[String]) -> Row {
+    let reqs: Arc<[VerifyKeyRequest]> = cold.iter().map(|k| verify_req(k)).collect();
+    let m = ctx.measure_jobs(ctx.once_each(ctx.opts.concurrency, reqs)).await;
+    let mut row = m.row(
+        Phase::Cold,
+        Client::Own,
+        &format!("cold verify ({} distinct keys, once each)", cold.len()),
+        ctx.opts.concurrency.to_string(),
+    );
+    // Every first sight must have run argon2; fewer means the keys were cached some other way.
+    if let Some(v) = row.counters.and_then(|c| c.argon2_verifications)
+        && v < cold.len() as f64 * 0.99
+    {
+        row.extra = format!("only {v:.0} argon2 verifications for {} first sights: cached at creation?", cold.len());
+    }
+    row
+}
+
+/// Warm verifications just before the flood, then, while h2load sends
+/// forged-key management calls and the own client's attacking side sends
+/// wrong secrets: warm verifications again (same client, same concurrency)
+/// and first verifications of fresh keys at a low, legitimate rate.
+async fn flood_phase(ctx: &Ctx<'_>, h2load: &H2load, keys: &Keys, failures: &mut Vec<String>) -> Vec<Row> {
+    let opts = ctx.opts;
+    let (c, dur, warmup) =
+        (opts.concurrency, Duration::from_secs_f64(opts.duration), Duration::from_secs_f64(opts.warmup));
+    let warm_reqs: Arc<[VerifyKeyRequest]> = keys.warm.iter().map(|k| verify_req(k)).collect();
+    let warm = |i: usize| ctx.verify_job(i, &warm_reqs, Expect::Valid);
+    let mut rows = Vec::new();
+
+    run_for(c, warmup, warm).await;
+    let before = ctx.measure(c, dur, warm).await;
+    rows.push(before.row(Phase::WarmBeforeFlood, Client::Own, "warm verify, just before the flood", c.to_string()));
+
+    // The attack: h2load with one forged key for the first warm key's id, and
+    // the own client's distinct wrong secrets for every warm key's id.
+    let mut rng: rand::rngs::StdRng = rand::SeedableRng::from_os_rng();
+    let forged = H2Call::forged_list_keys(ctx, &forged_key(&keys.warm[0][ID_RANGE], &mut rng));
+    let h2_stop = Arc::new(AtomicBool::new(false));
+    let h2_flood = match forged.precheck(ctx).await {
+        Ok(()) => Some((ctx.mark(), h2load.run_until(&forged.target, Duration::from_secs(1), h2_stop.clone()))),
+        Err(e) => {
+            let msg = format!("h2load pre-check of the forged-key flood: {e}");
+            eprintln!("FAILED CHECK: {msg}");
+            failures.push(msg);
+            None
+        }
+    };
+    let flood_channels = connect(ctx.addr, opts.flood_connections.max(1)).await;
+    let warm_ids: Arc<[String]> = keys.warm.iter().map(|k| k[ID_RANGE].to_owned()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood_jobs: Vec<FloodJob> = (0..opts.flood_concurrency)
+        .map(|i| FloodJob {
+            client: ApiKeyServiceClient::new(flood_channels[i % flood_channels.len()].clone()),
+            auth: ctx.auth.clone(),
+            ids: warm_ids.clone(),
+            next: i,
+            rng: rand::SeedableRng::from_os_rng(),
+        })
+        .collect();
+    let own_flood = (!flood_jobs.is_empty()).then(|| {
+        let stop = stop.clone();
+        tokio::spawn(async move { run_jobs(flood_jobs, None, Some(stop)).await })
+    });
+    let in_flight = |n: usize| {
+        let mut s = n.to_string();
+        if h2_flood.is_some() {
+            let _ = write!(s, " + {} h2load", h2load.connections * h2load.streams);
+        }
+        if own_flood.is_some() {
+            let _ = write!(s, " + {} wrong secrets", opts.flood_concurrency);
+        }
+        s
+    };
+
+    run_for(c, warmup, warm).await;
+    let during = ctx.measure(c, dur, warm).await;
+    let mut row = during.row(Phase::WarmUnderFlood, Client::Own, "warm verify under the flood", in_flight(c));
+    let unloaded = rows[0].stats.rps();
+    if unloaded > 0.0 {
+        row.extra = format!("{:.2}× the rate just before", row.stats.rps() / unloaded);
+    }
+    rows.push(row);
+
+    let fresh: Arc<[VerifyKeyRequest]> = keys.fresh.iter().map(|k| verify_req(k)).collect();
+    if !fresh.is_empty() {
+        let m = ctx.measure_jobs(ctx.once_each(opts.fresh_concurrency, fresh)).await;
+        let label = format!("first verification of {} fresh keys under the flood", keys.fresh.len());
+        rows.push(m.row(Phase::FreshUnderFlood, Client::Own, &label, in_flight(opts.fresh_concurrency)));
+    }
+
+    h2_stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    if let Some((mark, flood)) = h2_flood {
+        let (run, errors) = tokio::task::spawn_blocking(move || flood.join()).await.expect("h2load flood");
+        let mut m = ctx.since(mark, h2load_stats(&run));
+        for e in errors.into_iter().take(3) {
+            m.stats.errors += 1;
+            m.stats.first_errors.push(e);
+        }
+        if let Err(e) = forged.postcheck(&run, m.counters.as_ref()) {
+            let msg = format!("h2load post-check of the forged-key flood: {e}");
+            eprintln!("FAILED CHECK: {msg}");
+            failures.push(msg.clone());
+            m.stats.first_errors.push(msg);
+            m.stats.errors += 1;
+        }
+        m.h2load = Some(run);
+        let in_flight = (h2load.connections * h2load.streams).to_string();
+        let mut row = m.row(
+            Phase::ForgedFlood,
+            Client::H2load,
+            "↳ the flood: `ListKeys` with a forged key (expect UNAUTHENTICATED)",
+            in_flight,
+        );
+        row.extra = "CPU and counters: the whole flood, every load above included".into();
+        rows.push(row);
+    }
+    if let Some(flood) = own_flood {
+        let stats = flood.await.expect("flood task");
+        let mut row = Measured { stats, ..Measured::default() }.row(
+            Phase::WrongSecretFlood,
+            Client::Own,
+            "↳ the flood: wrong secrets for real ids (expect NOT_FOUND)",
+            opts.flood_concurrency.to_string(),
+        );
+        if row.stats.shed > 0 {
+            row.extra = format!("{} shed (RESOURCE_EXHAUSTED)", row.stats.shed);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------
+// Restart (PostgreSQL): SIGKILL under load, start again on the same database,
+// time until the verification rate is back.
+
+struct Restart {
+    keys: usize,
+    /// Verifications per second over the load before the kill (its first second left out).
+    before_rps: f64,
+    /// From the kill to the new process's first SERVING health answer.
+    down: Duration,
+    /// Successful answers per bucket after health, as req/s.
+    after: Vec<f64>,
+    /// The last buckets before the kill, as req/s (oldest first).
+    before: Vec<f64>,
+    /// The client's longest wait between two successful answers from the kill
+    /// on (`None`: none came after it).
+    gap: Option<Duration>,
+    errors_before_kill: u64,
+    errors_while_down: u64,
+    errors_after_health: u64,
+    /// Answers that were wrong (not transport failures).
+    wrong_answers: u64,
+    first_errors: Vec<String>,
+    /// The restarted server's counters at the end of the phase (it started at zero).
+    counters_after: Option<Counters>,
+    observed: Duration,
+}
+
+impl Restart {
+    fn threshold(&self) -> f64 {
+        self.before_rps * RESTART_RATE_TARGET
+    }
+
+    /// End of the first bucket of `RESTART_SUSTAINED_BUCKETS` consecutive ones
+    /// at or above the threshold, counted from the health answer.
+    fn recovered_after(&self) -> Option<Duration> {
+        let t = self.threshold();
+        let n = RESTART_SUSTAINED_BUCKETS;
+        (0..self.after.len().saturating_sub(n - 1))
+            .find(|&k| self.after[k..k + n].iter().all(|r| *r >= t))
+            .map(|k| RESTART_BUCKET * (k as u32 + 1))
+    }
+
+    /// End of the first bucket at or above the threshold, sustained or not.
+    fn first_back(&self) -> Option<Duration> {
+        let t = self.threshold();
+        self.after.iter().position(|r| *r >= t).map(|k| RESTART_BUCKET * (k as u32 + 1))
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "before {} req/s, down {}, back to ≥ {RESTART_RATE_TARGET}× after {}",
+            fmt_rps(self.before_rps),
+            fmt_dur(self.down),
+            self.recovered_after().map_or_else(|| format!("more than {}", fmt_dur(self.observed)), fmt_dur)
+        )
+    }
+}
+
+/// One own-client task of the restart load: each answer's time since `t0`.
+#[derive(Default)]
+struct RestartTrace {
+    ok_us: Vec<u64>,
+    /// (time since t0, wrong answer rather than a failed call)
+    err_us: Vec<(u64, bool)>,
+    /// The task's first wrong answers, with their time since t0.
+    first_wrong: Vec<(u64, String)>,
+    /// The task's last failed calls, with their time since t0: the outage's
+    /// come first, so only the last ones can show failures after it.
+    last_failed: Vec<(u64, String)>,
+}
+
+async fn restart_phase(ctx: &Ctx<'_>, server: &mut Server, env: &[(String, String)], keys: &[String]) -> Restart {
+    let opts = ctx.opts;
+    let reqs: Arc<[VerifyKeyRequest]> = keys.iter().map(|k| verify_req(k)).collect();
+    // Fresh connections: the phase's own, which the kill breaks and tonic re-establishes.
+    let channels = connect(ctx.addr, opts.connections).await;
+    let (next, stop, t0) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)), Instant::now());
+    let tasks: Vec<_> = (0..opts.concurrency)
+        .map(|i| {
+            let mut client = ApiKeyServiceClient::new(channels[i % channels.len()].clone());
+            let (auth, reqs, next, stop) = (ctx.auth.clone(), reqs.clone(), next.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut trace = RestartTrace::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let body = reqs[next.fetch_add(1, Ordering::Relaxed) % reqs.len()].clone();
+                    let mut req = Request::new(body);
+                    req.metadata_mut().insert("authorization", auth.clone());
+                    let r = client.verify_key(req).await;
+                    let failed_call = r.is_err();
+                    let at = t0.elapsed().as_micros() as u64;
+                    let e = match check_verify(r, Expect::Valid) {
+                        Outcome::Ok => {
+                            trace.ok_us.push(at);
+                            continue;
+                        }
+                        Outcome::Shed => "shed (RESOURCE_EXHAUSTED)".to_owned(),
+                        Outcome::Error(e) => e,
+                    };
+                    // A failed call is expected while the server is down; an
+                    // answer that is not VALID never is.
+                    trace.err_us.push((at, !failed_call));
+                    if !failed_call {
+                        if trace.first_wrong.len() < 3 {
+                            trace.first_wrong.push((at, e));
+                        }
+                        continue;
+                    }
+                    if trace.last_failed.len() == 3 {
+                        trace.last_failed.remove(0);
+                    }
+                    trace.last_failed.push((at, e));
+                    // The server may be down: do not spin on refused connections.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                trace
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs_f64(opts.restart_before)).await;
+    let killed = Instant::now();
+    server.kill();
+    *server = Server::start(opts, env, &ctx.dir.join("server-restarted.log"));
+    server.wait_ready(ctx.addr).await;
+    let healthy = Instant::now();
+    eprintln!("restart: killed, new pid {} serving after {}", server.pid(), fmt_dur(healthy - killed));
+    let observed = Duration::from_secs_f64(opts.restart_after);
+    tokio::time::sleep(observed).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut traces = Vec::new();
+    for t in tasks {
+        traces.push(t.await.expect("restart load task"));
+    }
+    let counters_after = Counters::scrape(ctx.metrics);
+    restart_report(keys.len(), &traces, t0, killed, healthy, observed, counters_after)
+}
+
+fn restart_report(
+    keys: usize,
+    traces: &[RestartTrace],
+    t0: Instant,
+    killed: Instant,
+    healthy: Instant,
+    observed: Duration,
+    counters_after: Option<Counters>,
+) -> Restart {
+    let us = |t: Instant| t.duration_since(t0).as_micros() as u64;
+    let (kill_us, health_us, bucket_us) = (us(killed), us(healthy), RESTART_BUCKET.as_micros() as u64);
+    let mut ok: Vec<u64> = traces.iter().flat_map(|t| t.ok_us.iter().copied()).collect();
+    ok.sort_unstable();
+    // Before the kill: whole buckets counted back from the kill, the load's first second left out.
+    let skip_us = 1_000_000.min(kill_us / 2);
+    let n_before = ((kill_us - skip_us) / bucket_us) as usize;
+    let count_in = |from: u64, to: u64| (ok.partition_point(|&t| t < to) - ok.partition_point(|&t| t < from)) as f64;
+    let bucket_secs = RESTART_BUCKET.as_secs_f64();
+    let before: Vec<f64> = (0..n_before)
+        .rev()
+        .map(|j| count_in(kill_us - (j as u64 + 1) * bucket_us, kill_us - j as u64 * bucket_us) / bucket_secs)
+        .collect();
+    let before_rps = if n_before > 0 { before.iter().sum::<f64>() / n_before as f64 } else { 0.0 };
+    let n_after = (observed.as_micros() as u64 / bucket_us) as usize;
+    let after: Vec<f64> = (0..n_after)
+        .map(|k| count_in(health_us + k as u64 * bucket_us, health_us + (k as u64 + 1) * bucket_us) / bucket_secs)
+        .collect();
+    // Answers to calls sent before the kill may still arrive after it: the
+    // outage the client saw is the longest silence between two successes
+    // from the kill on (or from the last success before it).
+    let from = ok.partition_point(|&t| t < kill_us).saturating_sub(1);
+    let gap = (ok.len() > from + 1 && ok[ok.len() - 1] >= kill_us)
+        .then(|| ok[from..].windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
+        .map(Duration::from_micros);
+    let errs = |f: &dyn Fn(u64) -> bool| traces.iter().flat_map(|t| &t.err_us).filter(|(at, _)| f(*at)).count() as u64;
+    Restart {
+        keys,
+        before_rps,
+        down: healthy - killed,
+        after,
+        before: before.iter().rev().take(4).rev().copied().collect(),
+        gap,
+        errors_before_kill: errs(&|at| at < kill_us),
+        errors_while_down: errs(&|at| (kill_us..health_us).contains(&at)),
+        errors_after_health: errs(&|at| at >= health_us),
+        wrong_answers: traces.iter().flat_map(|t| &t.err_us).filter(|(_, wrong)| *wrong).count() as u64,
+        // The ones that matter: wrong answers, and failed calls before the kill or once the
+        // server answered health again.
+        first_errors: traces
+            .iter()
+            .flat_map(|t| {
+                t.first_wrong.iter().chain(t.last_failed.iter().filter(|(at, _)| *at >= health_us || *at < kill_us))
+            })
+            .map(|(at, e)| format!("{} after the health answer: {e}", fmt_signed_ms(*at as i64 - health_us as i64)))
+            .take(3)
+            .collect(),
+        counters_after,
+        observed,
     }
 }
 
 async fn create_keys(
-    client: &ApiKeyServiceClient<Channel>,
+    channels: &[Channel],
     auth: &AsciiMetadataValue,
     n: usize,
     concurrency: usize,
     tag: &str,
 ) -> Vec<String> {
     let next = Arc::new(AtomicUsize::new(0));
+    let step = (n / 10).max(1000);
     let mut tasks = Vec::new();
-    for _ in 0..concurrency.max(1) {
-        let (mut client, auth, next, tag) = (client.clone(), auth.clone(), next.clone(), tag.to_owned());
+    for t in 0..concurrency.max(1) {
+        let mut client = ApiKeyServiceClient::new(channels[t % channels.len()].clone());
+        let (auth, next, tag) = (auth.clone(), next.clone(), tag.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
                     return out;
+                }
+                if i > 0 && i % step == 0 {
+                    eprintln!("  creating {tag} keys: {i} of {n}");
                 }
                 let req = admin_req(create_key_req(&format!("{tag}-{i}")), &auth);
                 let resp = client.create_key(req).await.unwrap_or_else(|s| panic!("CreateKey: {s}"));
@@ -597,11 +1418,13 @@ async fn create_keys(
     keys
 }
 
+/// A workspace-preset key (every `*.read` scope plus everyday writes), so
+/// that `fleet.read` is held and the response carries a realistic scope list.
 fn create_key_req(name: &str) -> CreateKeyRequest {
     CreateKeyRequest {
         organization_id: ORG.into(),
         name: name.to_owned(),
-        scopes: Some(pb::create_key_request::Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
+        scopes: Some(pb::create_key_request::Scopes::Preset(pb::ScopePreset::Workspace as i32)),
         environment: pb::Environment::Live as i32,
         expires_at: None,
     }
@@ -888,6 +1711,11 @@ impl Stats {
         self.elapsed += o.elapsed;
     }
 
+    /// A phase that could not run: one error, with its reason.
+    fn failed(why: String) -> Stats {
+        Stats { errors: 1, first_errors: vec![why], ..Stats::default() }
+    }
+
     fn rps(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -1049,17 +1877,8 @@ struct FloodJob {
 
 impl Job for FloodJob {
     fn call(&mut self) -> impl Future<Output = Option<Outcome>> + Send + '_ {
-        use rand::Rng as _;
-        let id = &self.ids[self.next % self.ids.len()];
+        let key = forged_key(&self.ids[self.next % self.ids.len()], &mut self.rng);
         self.next = self.next.wrapping_add(1);
-        let mut key = String::with_capacity(KEY_LEN);
-        key.push_str("tk_live_");
-        key.push_str(id);
-        for _ in 0..32 {
-            key.push(BASE62[self.rng.random_range(0..62)] as char);
-        }
-        let sum = checksum(&key);
-        key.push_str(&sum);
         let mut req = Request::new(verify_req(&key));
         req.metadata_mut().insert("authorization", self.auth.clone());
         async move { Some(check_verify(self.client.verify_key(req).await, Expect::Code(VerifyCode::NotFound))) }
@@ -1093,13 +1912,14 @@ async fn connect(addr: SocketAddr, n: usize) -> Vec<Channel> {
 }
 
 // ---------------------------------------------------------------------------
-// Server process, bootstrap, PostgreSQL database.
+// Server process, bootstrap.
 
 fn server_command(opts: &Opts, env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(&opts.server_bin);
-    // Only our settings: drop any TAKUMO_* / DATABASE_URL / RUST_LOG from the caller.
+    // Only our settings: drop any TAKUMO_* / OTEL_* / DATABASE_URL / RUST_LOG from the caller, so that
+    // the server defaults are what is measured.
     for (k, _) in std::env::vars() {
-        if k.starts_with("TAKUMO_") || k == "DATABASE_URL" || k == "RUST_LOG" {
+        if k.starts_with("TAKUMO_") || k.starts_with("OTEL_") || k == "DATABASE_URL" || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
     }
@@ -1107,7 +1927,8 @@ fn server_command(opts: &Opts, env: &[(String, String)]) -> Command {
     cmd
 }
 
-fn bootstrap(opts: &Opts, env: &[(String, String)]) -> String {
+/// Migrates the database and puts the organization on Enterprise (no key limit).
+fn bootstrap(opts: &Opts, env: &[(String, String)]) {
     let out = server_command(opts, env)
         .args(["bootstrap", "--organization", ORG, "--member", "bench", "--plan", "enterprise"])
         .stdin(Stdio::null())
@@ -1116,7 +1937,6 @@ fn bootstrap(opts: &Opts, env: &[(String, String)]) -> String {
     assert!(out.status.success(), "bootstrap failed: {}", String::from_utf8_lossy(&out.stderr));
     let key = String::from_utf8(out.stdout).expect("utf-8").trim().to_owned();
     assert_eq!(key.len(), KEY_LEN, "bootstrap printed an unexpected key shape");
-    key
 }
 
 /// The server process; killed on drop, panics included.
@@ -1128,7 +1948,16 @@ struct Server {
 impl Server {
     fn start(opts: &Opts, env: &[(String, String)], log: &Path) -> Self {
         let log_file = std::fs::File::create(log).expect("server log file");
-        let child = server_command(opts, env)
+        let mut cmd = server_command(opts, env);
+        // SAFETY: prctl is async-signal-safe; the child gets SIGTERM if this process dies
+        // without running its destructors (e.g. SIGKILL), so no server outlives the bench.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1152,7 +1981,8 @@ impl Server {
                 }
             }
             assert!(Instant::now() < give_up, "server did not become SERVING in 60 s; log:\n{}", self.read_log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Short: the restart phase times the first SERVING answer with it.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -1162,6 +1992,14 @@ impl Server {
             let _ = f.read_to_string(&mut s);
         }
         s
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would: no graceful shutdown, no final usage flush.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and returns its log.
@@ -1236,42 +2074,144 @@ impl ProcCpu {
 // ---------------------------------------------------------------------------
 // Report.
 
-impl Row {
-    fn new(kind: Phase, label: &str, in_flight: String, stats: Stats, server_cpu_s: Option<f64>) -> Self {
-        Row { kind, label: label.to_owned(), in_flight, stats, server_cpu_s, db: None, extra: String::new() }
+/// A target's verdict for one backend.
+struct Verdict {
+    /// `None`: not applicable or not measured.
+    met: Option<bool>,
+    detail: String,
+    /// How far from the target, when not met.
+    shortfall: Option<String>,
+}
+
+impl Verdict {
+    fn na(why: &str) -> Verdict {
+        Verdict { met: None, detail: why.to_owned(), shortfall: None }
+    }
+
+    fn cell(&self) -> String {
+        match (self.met, &self.shortfall) {
+            (None, _) => format!("n/a ({})", self.detail),
+            (Some(true), _) => format!("met ({})", self.detail),
+            (Some(false), Some(s)) => format!("**not met** ({}; {s})", self.detail),
+            (Some(false), None) => format!("**not met** ({})", self.detail),
+        }
     }
 }
 
+/// `0.62× is 0.23× short of 0.85× (27% below)`: how far a ratio misses a floor.
+fn ratio_shortfall(r: f64, target: f64) -> String {
+    format!("{:.3}× short of {target}×, {:.0}% below it", target - r, (1.0 - r / target) * 100.0)
+}
+
 impl BackendReport {
-    fn row(&self, kind: Phase) -> Option<&Row> {
-        self.rows.iter().find(|r| r.kind == kind)
+    fn row(&self, kind: Phase, client: Client) -> Option<&Row> {
+        self.rows.iter().find(|r| r.kind == kind && r.client == client)
     }
 
-    fn baseline_rps(&self) -> Option<f64> {
-        self.row(Phase::Baseline).map(|r| r.stats.rps())
+    fn rps(&self, kind: Phase, client: Client) -> Option<f64> {
+        self.row(kind, client).map(|r| r.stats.rps())
     }
 
-    fn table(&self, opts: &Opts) -> String {
-        let base = self.baseline_rps();
-        let warm = self.row(Phase::Warm).map(|r| r.stats.rps());
-        let mut t = String::from(
-            "| phase | in flight | req/s | p50 | p99 | ratio to baseline | errors | DB statements per 10k | server CPU per req | notes |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    /// Server CPU seconds per request of a row.
+    fn cpu_per_req(&self, kind: Phase, client: Client) -> Option<f64> {
+        let r = self.row(kind, client)?;
+        let n = r.stats.ok + r.stats.errors;
+        (n > 0).then_some(r.server_cpu_s? / n as f64)
+    }
+
+    /// The backend's part of the results: one table per client, then notes,
+    /// propagation and restart.
+    fn section(&self, opts: &Opts) -> String {
+        let mut s = format!("## {}\n\n", self.backend.title());
+        let _ = writeln!(
+            s,
+            "### Throughput ratios (h2load)\n\n`h2load -c {} -m {} -t 1`; baseline, warm and malformed alternate in \
+             {} rounds of {:.2} s each, summed per phase. Each run was checked first (own client and `nghttp`, same \
+             request) and after (the server's outcome counters account for every success).\n\n{}",
+            opts.h2load_connections,
+            opts.h2load_streams,
+            opts.rounds.max(1),
+            opts.duration / opts.rounds.max(1) as f64,
+            self.table(Client::H2load)
         );
-        for r in &self.rows {
+        let _ = writeln!(
+            s,
+            "### Own client (tonic)\n\nEvery answer checked (gRPC status, `valid`, `code`). The load generator \
+             costs about as much CPU as the server on the same cores, so its ratios are not the throughput ratios \
+             above; they serve the cold and flood targets, which compare figures of this client only.\n\n{}",
+            self.table(Client::Own)
+        );
+        if self.backend == Backend::Postgres {
+            let _ = writeln!(
+                s,
+                "{}",
+                DB_COLUMN_NOTE
+                    .replace("{ping}", &format!("{HEALTH_PING_EVERY_S:.0}"))
+                    .replace("{flush}", &format!("{USAGE_FLUSH_EVERY_S:.0}"))
+            );
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        if !self.notes.is_empty() {
+            s.push('\n');
+        }
+        if let Some(p) = self.propagation_section("###") {
+            let _ = writeln!(s, "{p}");
+        }
+        if let Some(r) = &self.restart {
+            let _ = writeln!(s, "{}", r.section(opts));
+        }
+        s
+    }
+
+    fn table(&self, client: Client) -> String {
+        let base = self.rps(Phase::Baseline, client);
+        let mut t = String::from(
+            "| phase | in flight | req/s | ratio to baseline | latency | errors | server CPU per req | argon2 \
+             verify / hash / rehash | key reads | DB statements per 10k | notes |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        for r in self.rows.iter().filter(|r| r.client == client) {
             let rps = r.stats.rps();
-            let mut ratio = match base {
-                Some(b) if b > 0.0 && r.kind != Phase::Baseline => format!("{:.3}×", rps / b),
-                Some(_) if r.kind == Phase::Baseline => "1×".into(),
+            let ratio = match (r.kind, base) {
+                (Phase::Baseline, _) => "1×".into(),
+                (Phase::ForgedFlood | Phase::WrongSecretFlood | Phase::FreshUnderFlood, _) => "–".into(),
+                (_, Some(b)) if b > 0.0 => format!("{:.3}×", rps / b),
                 _ => "–".into(),
             };
-            if r.kind == Phase::Flooded
-                && let Some(w) = warm.filter(|w| *w > 0.0)
-            {
-                let _ = write!(ratio, " ({:.2}× unloaded warm)", rps / w);
-            }
-            let errors = if r.stats.errors > 0 { format!("**{}**", r.stats.errors) } else { "0".into() };
+            let latency = match (r.mean, r.stats.percentile(0.5), r.stats.percentile(0.99)) {
+                (Some(m), _, _) => format!("mean {}", fmt_dur(m)),
+                (None, Some(p50), Some(p99)) => format!("p50 {} · p99 {}", fmt_dur(p50), fmt_dur(p99)),
+                _ => "–".into(),
+            };
+            let errors = match (r.stats.errors, r.stats.shed) {
+                (0, 0) => "0".into(),
+                (e, 0) => format!("**{e}**"),
+                (e, s) => format!("**{e}** + {s} shed"),
+            };
             let requests = r.stats.ok + r.stats.errors;
+            let loaded = matches!(r.kind, Phase::WarmUnderFlood | Phase::FreshUnderFlood | Phase::ForgedFlood);
+            let cpu = match r.server_cpu_s {
+                Some(s) if requests > 0 => {
+                    let per = fmt_dur(Duration::from_secs_f64(s.max(0.0) / requests as f64));
+                    if loaded { format!("{per} (flood included)") } else { per }
+                }
+                _ => "–".into(),
+            };
+            let count = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
+            let (argon2, reads) = match r.counters {
+                Some(c) => (
+                    format!(
+                        "{} / {} / {}",
+                        count(c.argon2_verifications),
+                        count(c.argon2_hashes),
+                        count(c.argon2_rehashes)
+                    ),
+                    count(c.key_reads),
+                ),
+                None => ("–".into(), "–".into()),
+            };
             let db = match (r.db, self.backend) {
                 (Some(w), _) => {
                     let c = w.counts;
@@ -1281,22 +2221,15 @@ impl BackendReport {
                     );
                     if r.kind == Phase::Baseline {
                         format!("– ({detail})")
-                    } else if r.kind == Phase::Flooded {
+                    } else if loaded {
                         format!("– ({detail}, flood included)")
                     } else {
                         format!("{:.1} ({detail})", c.total() as f64 * 10_000.0 / requests.max(1) as f64)
                     }
                 }
-                (None, Backend::Sqlite) if r.kind == Phase::Warm => "n/a".into(),
+                (None, Backend::Sqlite) if r.kind == Phase::Warm => "n/a (SQLite)".into(),
                 (None, Backend::Postgres) if r.kind == Phase::Warm => "n/a (no proxy)".into(),
                 _ => String::new(),
-            };
-            let cpu = match r.server_cpu_s {
-                Some(s) if requests > 0 => {
-                    let per = fmt_dur(Duration::from_secs_f64(s.max(0.0) / requests as f64));
-                    if r.kind == Phase::Flooded { format!("{per} (flood included)") } else { per }
-                }
-                _ => "–".into(),
             };
             let mut notes = format!("{} ok in {:.1} s", r.stats.ok, r.stats.elapsed.as_secs_f64());
             if !r.extra.is_empty() {
@@ -1304,129 +2237,246 @@ impl BackendReport {
             }
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {ratio} | {latency} | {errors} | {cpu} | {argon2} | {reads} | {db} | {notes} |",
                 r.label,
                 r.in_flight,
                 fmt_rps(rps),
-                r.stats.percentile(0.5).map_or("–".into(), fmt_dur),
-                r.stats.percentile(0.99).map_or("–".into(), fmt_dur),
-                ratio,
-                errors,
-                db,
-                cpu,
-                notes,
             );
-        }
-        if self.backend == Backend::Postgres {
-            let _ = write!(
-                t,
-                "\nDB statements per 10k: statements the server sent to PostgreSQL during the measured window \
-                 (Execute and simple-Query messages, counted by a pass-through proxy between the server and \
-                 PostgreSQL), per 10,000 requests of the phase; in brackets the raw counts by kind: `read` \
-                 (SELECT), `write` (INSERT/UPDATE/DELETE), `ping` (`SELECT 1`) and `other`. The count includes \
-                 the service's background work, whatever the load: a health ping every {HEALTH_PING_EVERY_S:.0} s \
-                 and a usage flush every {USAGE_FLUSH_EVERY_S:.0} s (when there is usage to write); the baseline \
-                 row shows that background alone.\n"
-            );
-        } else {
-            t.push_str("\nDB statements per 10k: not measured for SQLite (embedded, no wire to count on).\n");
-        }
-        if opts.concurrency != 64 {
-            let _ = writeln!(t, "\nNote: run at {} in flight, not 64.", opts.concurrency);
-        }
-        for n in &self.notes {
-            let _ = writeln!(t, "\n- {n}");
         }
         t
     }
 
-    fn targets(&self, opts: &Opts) -> Vec<(&'static str, String)> {
-        let base = self.baseline_rps().unwrap_or(0.0);
-        let verdict = |ok: bool, detail: String, rows: &[Phase]| {
-            let errs: u64 = rows.iter().filter_map(|k| self.row(*k)).map(|r| r.stats.errors).sum();
-            let base_errs = self.row(Phase::Baseline).map_or(0, |r| r.stats.errors);
-            if errs + base_errs > 0 {
-                format!("**not met** ({detail}; {} errors, figures untrustworthy)", errs + base_errs)
-            } else if ok {
-                format!("met ({detail})")
-            } else {
-                format!("**not met** ({detail})")
+    /// Whether the rows behind a target are trustworthy: no errors in them or
+    /// in the baseline of their client.
+    fn judge(&self, ok: bool, detail: String, shortfall: String, rows: &[(Phase, Client)]) -> Verdict {
+        let mut errs: u64 = rows.iter().filter_map(|(k, c)| self.row(*k, *c)).map(|r| r.stats.errors).sum();
+        for client in [Client::H2load, Client::Own] {
+            if rows.iter().any(|(_, c)| *c == client) {
+                errs += self.row(Phase::Baseline, client).map_or(0, |r| r.stats.errors);
             }
+        }
+        if errs > 0 {
+            let detail = format!("{detail}; {errs} errors, figures untrustworthy");
+            return Verdict { met: Some(false), detail, shortfall: None };
+        }
+        Verdict { met: Some(ok), detail, shortfall: (!ok).then_some(shortfall) }
+    }
+
+    /// A same-client throughput ratio against a floor.
+    fn ratio_target(&self, kind: Phase, client: Client, target: f64) -> Verdict {
+        let (Some(v), Some(b)) = (self.rps(kind, client), self.rps(Phase::Baseline, client)) else {
+            return Verdict::na("not measured");
         };
-        let ratio = |k: Phase| self.row(k).map(|r| r.stats.rps() / base.max(1e-9));
+        let r = v / b.max(1e-9);
+        self.judge(
+            r >= target,
+            format!("{r:.3}×: {} vs {} req/s", fmt_rps(v), fmt_rps(b)),
+            ratio_shortfall(r, target),
+            &[(kind, client)],
+        )
+    }
+
+    fn targets(&self, opts: &Opts) -> Vec<(String, Verdict)> {
         let mut out = Vec::new();
-        if let Some(r) = ratio(Phase::Warm) {
-            out.push(("warm verify ≥ 0.8× baseline req/s", verdict(r >= 0.8, format!("{r:.3}×"), &[Phase::Warm])));
-        }
-        if let Some(r) = ratio(Phase::Malformed) {
-            out.push((
-                "malformed verify ≥ 0.9× baseline req/s",
-                verdict(r >= 0.9, format!("{r:.3}×"), &[Phase::Malformed]),
-            ));
-        }
-        if let Some(p99) = self.row(Phase::Warm).and_then(|r| r.stats.percentile(0.99)) {
-            let note =
-                if opts.concurrency == 64 { String::new() } else { format!(" at {} in flight", opts.concurrency) };
-            let base_p99 = self
-                .row(Phase::Baseline)
-                .and_then(|r| r.stats.percentile(0.99))
-                .map_or(String::new(), |b| format!("; the empty RPC's p99 {}", fmt_dur(b)));
-            out.push((
-                "warm verify p99 ≤ 2 ms at 64 in flight",
-                verdict(
-                    p99 <= Duration::from_millis(2),
-                    format!("p99 {}{note}{base_p99}", fmt_dur(p99)),
-                    &[Phase::Warm],
-                ),
-            ));
-        }
-        let db_target = "zero DB reads for warm verifications; usage writes ≤ one batched statement per flush interval";
-        match self.row(Phase::Warm).and_then(|r| r.db) {
-            Some(w) => {
-                let c = w.counts;
-                // Usage recorded in a warm slice may be flushed during the next
-                // (interleaved) slice, so writes are judged over all three phases' windows.
-                let (writes, secs) = [Phase::Baseline, Phase::Warm, Phase::Malformed]
-                    .iter()
-                    .filter_map(|k| self.row(*k).and_then(|r| r.db))
-                    .fold((0, 0.0), |(n, t), d| (n + d.counts.writes, t + d.secs));
-                // One flush per interval, plus one for a window that straddles an extra tick.
-                let write_budget = (secs / USAGE_FLUSH_EVERY_S).ceil() as u64 + 1;
-                out.push((
-                    db_target,
-                    verdict(
-                        c.reads == 0 && c.other == 0 && writes <= write_budget,
-                        format!(
-                            "warm: {} reads, {} other in {:.1} s; usage writes {writes} in {secs:.1} s \
-                             of interleaved rounds, budget {write_budget}",
-                            c.reads, c.other, w.secs
-                        ),
-                        &[Phase::Warm],
-                    ),
-                ));
-            }
-            None if self.backend == Backend::Postgres => {
-                out.push((db_target, "n/a (run without the counting proxy)".into()))
-            }
-            None => out.push((db_target, "n/a (not measured on SQLite)".into())),
-        }
-        if let (Some(f), Some(w)) = (self.row(Phase::Flooded), self.row(Phase::Warm)) {
-            let r = f.stats.rps() / w.stats.rps().max(1e-9);
-            out.push((
-                "under wrong-secret flood, good-key warm verify ≥ 0.5× unloaded",
-                verdict(r >= 0.5, format!("{r:.2}×"), &[Phase::Flooded, Phase::Warm]),
-            ));
-        }
-        out.push((PROPAGATION_TARGET, self.propagation_verdict()));
+        out.push((
+            format!("warm VerifyKey ≥ {WARM_RATIO_TARGET}× Health/Check req/s (h2load)"),
+            self.ratio_target(Phase::Warm, Client::H2load, WARM_RATIO_TARGET),
+        ));
+        out.push((
+            format!("malformed VerifyKey ≥ {MALFORMED_RATIO_TARGET}× Health/Check req/s (h2load)"),
+            self.ratio_target(Phase::Malformed, Client::H2load, MALFORMED_RATIO_TARGET),
+        ));
+        out.push((
+            format!(
+                "cold VerifyKey ({} distinct keys, once each) ≥ {COLD_RATIO_TARGET}× Health/Check req/s (own client)",
+                opts.cold_keys
+            ),
+            self.ratio_target(Phase::Cold, Client::Own, COLD_RATIO_TARGET),
+        ));
+        out.push((
+            format!("server CPU per cold verification ≤ {COLD_CPU_TARGET}× a warm one (own client)"),
+            self.cold_cpu_verdict(),
+        ));
+        out.push((
+            format!(
+                "under the flood: first verifications of fresh keys p99 < {} ms, no errors (own client)",
+                FRESH_P99_TARGET.as_millis()
+            ),
+            self.fresh_verdict(),
+        ));
+        out.push((
+            format!("under the flood: warm VerifyKey ≥ {FLOODED_WARM_TARGET}× its rate just before (own client)"),
+            self.flooded_warm_verdict(),
+        ));
+        out.push((
+            format!(
+                "after SIGKILL and restart: verification rate back to ≥ {RESTART_RATE_TARGET}× within {} s of the \
+                 health answer (own client)",
+                RESTART_WITHIN.as_secs()
+            ),
+            self.restart_verdict(),
+        ));
+        // Targets of earlier issues, still measured.
+        out.push(("(earlier) warm VerifyKey p99 ≤ 2 ms at 64 in flight (own client)".into(), self.p99_verdict(opts)));
+        out.push((
+            "(earlier) zero DB reads for warm verifications; usage writes ≤ one batched statement per flush interval"
+                .into(),
+            self.db_verdict(),
+        ));
+        out.push((format!("(earlier) {PROPAGATION_TARGET}"), self.propagation_verdict()));
         out
     }
 
+    fn cold_cpu_verdict(&self) -> Verdict {
+        let (Some(cold), Some(warm)) =
+            (self.cpu_per_req(Phase::Cold, Client::Own), self.cpu_per_req(Phase::Warm, Client::Own))
+        else {
+            return Verdict::na("not measured");
+        };
+        let x = cold / warm.max(1e-12);
+        self.judge(
+            x <= COLD_CPU_TARGET,
+            format!(
+                "{x:.1}×: {} vs {} per request",
+                fmt_dur(Duration::from_secs_f64(cold)),
+                fmt_dur(Duration::from_secs_f64(warm))
+            ),
+            format!("{:.1}× over the {COLD_CPU_TARGET}× bound", x - COLD_CPU_TARGET),
+            &[(Phase::Cold, Client::Own), (Phase::Warm, Client::Own)],
+        )
+    }
+
+    fn fresh_verdict(&self) -> Verdict {
+        let Some(r) = self.row(Phase::FreshUnderFlood, Client::Own) else {
+            return Verdict::na("no fresh keys (`--fresh-keys 0`)");
+        };
+        let Some(p99) = r.stats.percentile(0.99) else {
+            return Verdict { met: Some(false), detail: "no successful verification".into(), shortfall: None };
+        };
+        let failures = r.stats.errors + r.stats.shed;
+        let ok = p99 < FRESH_P99_TARGET && failures == 0;
+        let mut short = Vec::new();
+        if p99 >= FRESH_P99_TARGET {
+            short.push(format!("p99 {} over {} ms", fmt_dur(p99 - FRESH_P99_TARGET), FRESH_P99_TARGET.as_millis()));
+        }
+        if failures > 0 {
+            short.push(format!("{failures} verifications failed or shed"));
+        }
+        Verdict {
+            met: Some(ok),
+            detail: format!(
+                "p99 {}, p50 {}, {} errors, {} shed over {} keys",
+                fmt_dur(p99),
+                r.stats.percentile(0.5).map_or("–".into(), fmt_dur),
+                r.stats.errors,
+                r.stats.shed,
+                r.stats.ok + failures
+            ),
+            shortfall: (!ok).then(|| short.join(", ")),
+        }
+    }
+
+    fn flooded_warm_verdict(&self) -> Verdict {
+        let (Some(during), Some(before)) =
+            (self.rps(Phase::WarmUnderFlood, Client::Own), self.rps(Phase::WarmBeforeFlood, Client::Own))
+        else {
+            return Verdict::na("not measured");
+        };
+        let r = during / before.max(1e-9);
+        self.judge(
+            r >= FLOODED_WARM_TARGET,
+            format!("{r:.2}×: {} vs {} req/s", fmt_rps(during), fmt_rps(before)),
+            ratio_shortfall(r, FLOODED_WARM_TARGET),
+            &[(Phase::WarmUnderFlood, Client::Own), (Phase::WarmBeforeFlood, Client::Own)],
+        )
+    }
+
+    fn restart_verdict(&self) -> Verdict {
+        let Some(r) = &self.restart else {
+            return match self.backend {
+                Backend::Sqlite => Verdict::na("PostgreSQL only"),
+                Backend::Postgres => Verdict::na("skipped (`--restart-after 0` or no cold keys)"),
+            };
+        };
+        let back = r.recovered_after();
+        let ok = back.is_some_and(|b| b <= RESTART_WITHIN) && r.wrong_answers == 0 && r.errors_before_kill == 0;
+        let detail = format!(
+            "{} after the health answer (sustained {} ms), from {} req/s before; down {} (kill → SERVING)",
+            back.map_or_else(|| format!("not back within {}", fmt_dur(r.observed)), fmt_dur),
+            RESTART_BUCKET.as_millis() * RESTART_SUSTAINED_BUCKETS as u128,
+            fmt_rps(r.before_rps),
+            fmt_dur(r.down)
+        );
+        let mut short = Vec::new();
+        match back {
+            Some(b) if b > RESTART_WITHIN => {
+                short.push(format!("{} over {} s", fmt_dur(b - RESTART_WITHIN), RESTART_WITHIN.as_secs()))
+            }
+            None => short.push(format!(
+                "more than {} over {} s",
+                fmt_dur(r.observed.saturating_sub(RESTART_WITHIN)),
+                RESTART_WITHIN.as_secs()
+            )),
+            _ => {}
+        }
+        if r.wrong_answers + r.errors_before_kill > 0 {
+            short.push(format!("{} wrong answers, {} errors before the kill", r.wrong_answers, r.errors_before_kill));
+        }
+        Verdict { met: Some(ok), detail, shortfall: (!ok).then(|| short.join(", ")) }
+    }
+
+    fn p99_verdict(&self, opts: &Opts) -> Verdict {
+        let Some(p99) = self.row(Phase::Warm, Client::Own).and_then(|r| r.stats.percentile(0.99)) else {
+            return Verdict::na("not measured");
+        };
+        let note = if opts.concurrency == 64 { String::new() } else { format!(" at {} in flight", opts.concurrency) };
+        let base_p99 = self
+            .row(Phase::Baseline, Client::Own)
+            .and_then(|r| r.stats.percentile(0.99))
+            .map_or(String::new(), |b| format!("; the empty RPC's p99 {}", fmt_dur(b)));
+        let limit = Duration::from_millis(2);
+        self.judge(
+            p99 <= limit,
+            format!("p99 {}{note}{base_p99}", fmt_dur(p99)),
+            format!("{} over 2 ms", fmt_dur(p99.saturating_sub(limit))),
+            &[(Phase::Warm, Client::Own)],
+        )
+    }
+
+    fn db_verdict(&self) -> Verdict {
+        let Some(w) = self.row(Phase::Warm, Client::Own).and_then(|r| r.db) else {
+            return match self.backend {
+                Backend::Postgres => Verdict::na("run without the counting proxy"),
+                Backend::Sqlite => Verdict::na("not measured on SQLite"),
+            };
+        };
+        let c = w.counts;
+        // Usage recorded in a warm slice may be flushed during the next
+        // (interleaved) slice, so writes are judged over all three phases' windows.
+        let (writes, secs) = [Phase::Baseline, Phase::Warm, Phase::Malformed]
+            .iter()
+            .filter_map(|k| self.row(*k, Client::Own).and_then(|r| r.db))
+            .fold((0, 0.0), |(n, t), d| (n + d.counts.writes, t + d.secs));
+        // One flush per interval, plus one for a window that straddles an extra tick.
+        let budget = (secs / USAGE_FLUSH_EVERY_S).ceil() as u64 + 1;
+        self.judge(
+            c.reads == 0 && c.other == 0 && writes <= budget,
+            format!(
+                "warm: {} reads, {} other in {:.1} s; usage writes {writes} in {secs:.1} s of interleaved rounds, \
+                 budget {budget}",
+                c.reads, c.other, w.secs
+            ),
+            "see the counts".into(),
+            &[(Phase::Warm, Client::Own)],
+        )
+    }
+
     /// Judged by the slowest round: every change must reach the other replica within 1 s.
-    fn propagation_verdict(&self) -> String {
+    fn propagation_verdict(&self) -> Verdict {
         let Some(p) = &self.propagation else {
             return match self.backend {
-                Backend::Sqlite => "n/a (one process; measured on PostgreSQL)".into(),
-                Backend::Postgres => "n/a (`--propagation-rounds 0`)".into(),
+                Backend::Sqlite => Verdict::na("one process; measured on PostgreSQL"),
+                Backend::Postgres => Verdict::na("`--propagation-rounds 0`"),
             };
         };
         let (n, ok) = p.times(None);
@@ -1438,11 +2488,14 @@ impl BackendReport {
             max.map_or("–".into(), fmt_dur),
             p50.map_or("–".into(), fmt_dur)
         );
-        if n > 0 && failed == 0 && max.is_some_and(|m| m <= Duration::from_secs(1)) {
-            format!("met ({detail})")
-        } else {
-            format!("**not met** ({detail})")
-        }
+        let met = n > 0 && failed == 0 && max.is_some_and(|m| m <= Duration::from_secs(1));
+        let shortfall = (!met).then(|| match max {
+            Some(m) if m > Duration::from_secs(1) => {
+                format!("slowest {} over 1 s", fmt_dur(m - Duration::from_secs(1)))
+            }
+            _ => format!("{failed} rounds failed"),
+        });
+        Verdict { met: Some(met), detail, shortfall }
     }
 
     /// The propagation table, under a heading of the given level (`###`, `####`).
@@ -1517,9 +2570,92 @@ impl BackendReport {
     }
 }
 
+const DB_COLUMN_NOTE: &str = "DB statements per 10k: statements the server sent to PostgreSQL during the measured \
+window (Execute and simple-Query messages, counted by a pass-through proxy between the server and PostgreSQL), per \
+10,000 requests of the phase; in brackets the raw counts by kind: `read` (SELECT), `write` (INSERT/UPDATE/DELETE), \
+`ping` (`SELECT 1`) and `other`. The count includes the service's background work, whatever the load: a health ping \
+every {ping} s and a usage flush every {flush} s (when there is usage to write); the baseline row shows that \
+background alone.\n";
+
+impl Restart {
+    fn section(&self, opts: &Opts) -> String {
+        let mut t =
+            String::from("### Restart after SIGKILL (PostgreSQL, own client)\n\n| figure | value |\n|---|---|\n");
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(t, "| {k} | {v} |");
+        };
+        row(
+            "load",
+            format!(
+                "{} in flight over {} HTTP/2 connections, cycling over {} distinct keys (the cold keys, cached)",
+                opts.concurrency, opts.connections, self.keys
+            ),
+        );
+        row(
+            "rate before the kill",
+            format!(
+                "{} req/s ({} s of load, its first second left out)",
+                fmt_rps(self.before_rps),
+                opts.restart_before
+            ),
+        );
+        row("SIGKILL → first SERVING health answer of the new process", fmt_dur(self.down));
+        row(
+            "longest silence between two successful answers, from the kill on",
+            self.gap.map_or_else(|| "no successful answer after the kill".into(), fmt_dur),
+        );
+        row(
+            &format!(
+                "back to ≥ {RESTART_RATE_TARGET}× ({} req/s) for {} consecutive {} ms buckets, from the health answer",
+                fmt_rps(self.threshold()),
+                RESTART_SUSTAINED_BUCKETS,
+                RESTART_BUCKET.as_millis()
+            ),
+            self.recovered_after().map_or_else(|| format!("not within {}", fmt_dur(self.observed)), fmt_dur),
+        );
+        row("first bucket at ≥ that rate (sustained or not)", self.first_back().map_or_else(|| "none".into(), fmt_dur));
+        row(
+            "failed calls: before the kill / while down / after the health answer; wrong answers",
+            format!(
+                "{} / {} / {}; {}",
+                self.errors_before_kill, self.errors_while_down, self.errors_after_health, self.wrong_answers
+            ),
+        );
+        let count = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
+        if let Some(c) = self.counters_after {
+            row(
+                &format!("restarted server's work over the observed {}", fmt_dur(self.observed)),
+                format!(
+                    "{} argon2 verifications, {} key reads, {} VALID answers",
+                    count(c.argon2_verifications),
+                    count(c.key_reads),
+                    c.valid
+                ),
+            );
+        }
+        let fmt = |v: &[f64]| v.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" ");
+        let shown = self.after.len().min(40);
+        let _ = writeln!(
+            t,
+            "\nSuccessful verifications per {} ms bucket, as req/s: the last {} before the kill: {}; from the health \
+             answer on (first {}): {}",
+            RESTART_BUCKET.as_millis(),
+            self.before.len(),
+            fmt(&self.before),
+            fmt_dur(RESTART_BUCKET * shown as u32),
+            fmt(&self.after[..shown])
+        );
+        for e in &self.first_errors {
+            let _ = writeln!(t, "\n- {e}");
+        }
+        t
+    }
+}
+
 fn targets_section(opts: &Opts, reports: &[BackendReport]) -> String {
     let mut s = String::from(
-        "## Targets\n\nFrom the figures above (ratios are within one run, same client on both sides).\n\n| target |",
+        "## Targets\n\nEach ratio compares figures of one client in one run (the client is named). n/a: not \
+         applicable to that backend, or not measured.\n\n| target |",
     );
     for r in reports {
         let _ = write!(s, " {} |", r.backend.title());
@@ -1530,119 +2666,127 @@ fn targets_section(opts: &Opts, reports: &[BackendReport]) -> String {
     }
     s.push('\n');
     let per: Vec<_> = reports.iter().map(|r| r.targets(opts)).collect();
-    // Every target any backend judged, in first-seen order.
-    let mut names: Vec<&str> = Vec::new();
-    for (name, _) in per.iter().flatten() {
-        if !names.contains(name) {
-            names.push(name);
-        }
-    }
-    for name in names {
+    let names: Vec<&String> = per.first().map(|p| p.iter().map(|(n, _)| n).collect()).unwrap_or_default();
+    for (i, name) in names.iter().enumerate() {
         let _ = write!(s, "| {name} |");
         for p in &per {
-            let _ = write!(s, " {} |", p.iter().find(|(n, _)| *n == name).map_or("–", |(_, v)| v.as_str()));
+            let _ = write!(s, " {} |", p[i].1.cell());
         }
         s.push('\n');
     }
+    let missed: Vec<String> = reports
+        .iter()
+        .zip(&per)
+        .flat_map(|(r, p)| {
+            p.iter().filter(|(_, v)| v.met == Some(false)).map(move |(n, v)| {
+                let by = v.shortfall.as_deref().map_or_else(|| v.detail.clone(), |s| format!("{s} ({})", v.detail));
+                format!("- **{}**: {n}: {by}", r.backend.title())
+            })
+        })
+        .collect();
+    if missed.is_empty() {
+        s.push_str("\nEvery applicable target is met.\n");
+    } else {
+        let _ = writeln!(s, "\nNot met ({}):\n\n{}", missed.len(), missed.join("\n"));
+    }
     s
 }
 
-fn render_doc(opts: &Opts, reports: &[BackendReport], total: Duration) -> String {
-    let mut s = String::new();
-    let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let cmd = if argv.is_empty() {
-        "cargo bench --bench verify".to_owned()
-    } else {
-        format!("cargo bench --bench verify -- {}", argv.join(" "))
+fn render_results(opts: &Opts, reports: &[BackendReport], h2load_version: &str, total: Duration) -> String {
+    let header = ResultsHeader {
+        title: "Performance results: VerifyKey benchmark",
+        generator: "benches/verify.rs",
+        analysis: "docs/performance.md",
+        command: bench_command("verify", "TAKUMO_BENCH_"),
+        path: &opts.docs,
     };
-    let _ = writeln!(s, "# Performance: VerifyKey at the speed of an empty RPC\n");
+    let mut s = header.render();
     let _ = writeln!(
         s,
-        "Generated by `benches/verify.rs`; everything above `## Analysis` is rewritten on each run, \
-         the Analysis section is kept.\n"
+        "- Server: release build, one process per backend (plus a second replica on PostgreSQL for the \
+         propagation phase, and a restarted one for the restart phase), fresh database, every setting at its \
+         default but the service token, pepper, listen and metrics addresses: argon2id {} (the defaults of the \
+         server binary, from `serve --help`). PostgreSQL {}over TCP loopback with `sslmode=disable`, through the \
+         bench's statement-counting proxy{}.",
+        server_argon2_defaults(&opts.server_bin),
+        reports.iter().find_map(|r| r.pg_version.as_deref()).map_or(String::new(), |v| format!("{v} ")),
+        if opts.no_pg_proxy { " (off: `--no-pg-proxy`)" } else { " (one extra loopback hop per statement)" }
     );
-    let _ = writeln!(s, "Command:\n\n```sh\n{cmd}\n```\n");
-    let _ = writeln!(s, "## Machine and run\n");
-    let _ = writeln!(s, "- Date: {}", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"));
     let _ = writeln!(
         s,
-        "- Machine: {} CPUs (nproc), {}; Linux {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model(),
-        shell(&["uname", "-r"])
-    );
-    let _ = writeln!(s, "- Source: {}", git_description());
-    let _ = writeln!(
-        s,
-        "- Load generator: this bench (tonic client, {} tokio threads) on the same cores as the server; \
-         {} in flight over {} HTTP/2 connections; {:.1} s measured per phase after {:.1} s warm-up, \
-         baseline, warm and malformed interleaved in {} rounds of {:.2} s each (A B C A B C …); {} warm keys; cold phase {} fresh keys at {} in flight; flood {} in flight over {} connections \
-         (random wrong secrets for the warm keys' ids); cross-replica propagation {} rounds (PostgreSQL only). \
-         Total run {:.0} s.",
+        "- Load generators, on the same cores as the server: **h2load** ({h2load_version}, `-c {} -m {} -t 1`, {} \
+         in flight) for the throughput ratios and the forged-key flood; the **own client** (this bench: tonic, {} \
+         tokio threads, {} in flight over {} HTTP/2 connections) for everything h2load cannot do (many distinct \
+         keys, checking every answer, timing single requests).",
+        opts.h2load_connections,
+        opts.h2load_streams,
+        opts.h2load_connections * opts.h2load_streams,
         opts.client_threads,
         opts.concurrency,
-        opts.connections,
+        opts.connections
+    );
+    let _ = writeln!(
+        s,
+        "- Phases: {:.1} s measured per phase after {:.1} s warm-up; baseline, warm and malformed in {} interleaved \
+         rounds per client; {} warm keys (workspace preset, `required_scopes: [\"{REQUIRED_SCOPE}\"]`); cold: {} \
+         distinct keys once each; flood: h2load's forged-key `ListKeys` plus {} in-flight wrong secrets over {} \
+         connections, with {} fresh keys verified once each at {} in flight; propagation {} rounds and restart \
+         ({:.0} s before the kill, {:.0} s after the health answer) on PostgreSQL. Total run {:.0} s.",
         opts.duration,
         opts.warmup,
         opts.rounds.max(1),
-        opts.duration / opts.rounds.max(1) as f64,
         opts.warm_keys,
         opts.cold_keys,
-        opts.cold_concurrency,
         opts.flood_concurrency,
         opts.flood_connections,
+        opts.fresh_keys,
+        opts.fresh_concurrency,
         opts.propagation_rounds,
+        opts.restart_before,
+        opts.restart_after,
         total.as_secs_f64()
     );
-    let _ = writeln!(
-        s,
-        "- Server: release build, default settings (argon2id m=19456 KiB, t=2, p=1), one process per backend \
-         (plus a second replica on PostgreSQL for the propagation phase only), fresh database; PostgreSQL over \
-         TCP loopback with `sslmode=disable`."
-    );
-    let _ = writeln!(
-        s,
-        "- Every response is checked (gRPC status, `valid`, `code`); req/s and latencies count correct responses only, \
-         anything else is in the errors column. Server CPU per request is the server process's user + system time \
-         over the phase divided by requests (PostgreSQL's own CPU is not included)."
-    );
-    let _ = writeln!(
-        s,
-        "- Reading the figures: the client costs about as much CPU per request as the server and runs on the \
-         same cores, so req/s ratios understate the server-side difference (the server CPU column does not); \
-         p99 at 64 in flight on shared cores is mostly scheduling, so compare it with the baseline's p99. The \
-         flood is CPU-bound by argon2 (about 15 ms per wrong guess), so its own req/s stays low by design; what matters is \
-         the good keys' row. On PostgreSQL the server reaches the database through the bench's counting proxy \
-         (one extra loopback hop per statement; `--no-pg-proxy` to bypass it)."
-    );
-    if opts.duration < 3.0 {
-        let _ = writeln!(s, "- **Short run** ({:.1} s per phase): a smoke test, not a measurement.", opts.duration);
+    if opts.duration < 3.0 || opts.cold_keys < 20_000 {
+        let _ = writeln!(
+            s,
+            "- **Short run** ({:.1} s per phase, {} cold keys): a smoke test, not a measurement.",
+            opts.duration, opts.cold_keys
+        );
     }
     s.push('\n');
-    for r in reports {
-        let _ = writeln!(s, "## {}\n\n{}", r.backend.title(), r.table(opts));
-        if let Some(p) = r.propagation_section("###") {
-            let _ = writeln!(s, "{p}");
-        }
-    }
     s.push_str(&targets_section(opts, reports));
+    s.push('\n');
+    for r in reports {
+        s.push_str(&r.section(opts));
+    }
+    s.push_str(READING_NOTES);
     s
 }
 
-fn fmt_rps(r: f64) -> String {
-    if r >= 100.0 { format!("{:.0}", r) } else { format!("{r:.1}") }
-}
-
-fn git_description() -> String {
-    let head = shell(&["git", "rev-parse", "--short", "HEAD"]);
-    let dirty = shell(&["git", "status", "--porcelain", "--", "src", "Cargo.toml", "migrations"]);
-    if dirty.is_empty() || dirty == "?" {
-        format!("commit {head}")
-    } else {
-        format!("commit {head} plus uncommitted changes in src/ (work in progress)")
-    }
-}
-
+const READING_NOTES: &str = "## How the figures are made\n\n\
+- **Ratios** compare figures of the same client in the same run: h2load's warm and malformed against h2load's \
+Health/Check, the own client's cold and flooded figures against the own client's. A tonic load generator costs about \
+as much CPU per request as the server on the same two cores, which flatters ratios; h2load (one C thread) leaves the \
+server as the bottleneck.\n\
+- **h2load checks.** h2load counts an HTTP 200 as a success even when the gRPC status in the trailers is an error. \
+Before every h2load run the same request goes once through the own tonic client (gRPC status, `valid`, `code`) and \
+once through `nghttp` with h2load's very body file and headers (`grpc-status`); after it, the server's counters \
+(`takumo_keys_verify_outcomes_total`, `takumo_keys_rpc_requests_total`) must show at least as many answers of the \
+expected kind as h2load counted successes, and no VerifyKey with another status. A failed check is an error in the \
+row and fails the run.\n\
+- **Server CPU per request**: the server process's user + system time (`/proc/<pid>/stat`) over the phase divided by \
+its requests; PostgreSQL's own CPU is not included. It does not depend on the client.\n\
+- **argon2 / key reads**: deltas of `takumo_keys_argon2_verifications_total`, `…_hashes_total`, `…_rehashes_total` \
+and `takumo_keys_store_key_reads_total` over the phase (– when the server does not export the counter).\n\
+- **Latency**: the own client reports p50 and p99 of correct answers; h2load reports only a mean. At 64 or 256 in \
+flight on shared cores latency is mostly queueing, so compare it with the baseline's.\n\
+- **Flood**: the forged key is `tk_live_` + the id of the warm key + a random secret + a valid checksum, presented as \
+a management call's credential; it passes every cheap check and must be refused with UNAUTHENTICATED. The own client \
+adds fresh wrong secrets for all warm keys' ids (each a full argon2 verification that cannot be cached). Rows measured \
+during the flood include the flood's CPU.\n\
+- **Restart**: the server is killed with SIGKILL (no graceful shutdown) while the own client cycles over the cold \
+keys, started again on the same database and port, and answers are counted in 250 ms buckets from its first \
+SERVING health answer.\n";
 // ---------------------------------------------------------------------------
 // PostgreSQL statement counting.
 

@@ -312,26 +312,6 @@ fn worker(rx: Arc<Mutex<mpsc::Receiver<Job>>>, peppers: &[(String, SecretString)
     }
 }
 
-/// Allocations from this size up are mapped and unmapped directly: above
-/// every I/O buffer of the RPC path (so that stays on the heap), below one
-/// argon2 buffer (so that goes back to the OS).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_THRESHOLD: i32 = 4 * 1024 * 1024;
-
-/// Makes argon2's working memory (19 MiB per hash at the defaults) go back
-/// to the OS after each hash. glibc raises its mmap threshold after the
-/// first such buffer is freed, so later ones come from per-thread arenas and
-/// stay resident: a replica sat at ~240 MiB after a few hundred hashes in the
-/// soak, against ~20 MiB with a fixed threshold below the buffer size. Process-wide, so `main`
-/// calls it once, before any thread starts.
-pub fn return_hash_memory_to_the_os() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes the allocator; called before other threads exist.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-    }
-}
-
 /// On Linux, `setpriority` with a thread id renices just this thread.
 fn lower_priority() {
     #[cfg(target_os = "linux")]
