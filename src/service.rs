@@ -356,12 +356,13 @@ pub async fn issue_key(
     audit: &AuditContext,
 ) -> Result<(ApiKey, SecretString)> {
     // Argon2 is the expensive step: a create the plan would refuse must not
-    // cost one. The store checks the limit again, atomically, on insert.
-    let stats = store.key_stats(&spec.organization_id, Utc::now()).await?;
-    if let Some(limit) = stats.plan.key_limit()
-        && stats.keys_counted >= limit
+    // cost one. The store checks the limit again, atomically, on insert. An
+    // unlimited plan needs no count (one primary-key read).
+    let plan = store.get_organization(&spec.organization_id).await?.plan;
+    if let Some(limit) = plan.key_limit()
+        && store.key_stats(&spec.organization_id, Utc::now()).await?.keys_counted >= limit
     {
-        return Err(Error::LimitExceeded { plan: stats.plan, limit });
+        return Err(Error::LimitExceeded { plan, limit });
     }
     let generated = keys::generate(spec.environment);
     let secret_hash = hasher.hash(generated.full.clone()).await?;
