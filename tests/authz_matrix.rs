@@ -27,9 +27,14 @@ enum Who {
     DisabledKey,
     RevokedKey,
     ExpiredKey,
+    /// Holds every scope of the catalog except the one the RPC's rule names:
+    /// tells which scope each RPC needs, not just that it needs one.
+    KeyLackingOnlyTheRequiredScope,
+    /// Same organization, another member, every scope but `api_keys.manage_all`.
+    OtherMemberWithoutManageAll,
 }
 
-const EVERYONE: [Who; 10] = [
+const EVERYONE: [Who; 12] = [
     Who::NoCredentials,
     Who::MalformedToken,
     Who::UnknownServiceToken,
@@ -40,7 +45,21 @@ const EVERYONE: [Who; 10] = [
     Who::DisabledKey,
     Who::RevokedKey,
     Who::ExpiredKey,
+    Who::KeyLackingOnlyTheRequiredScope,
+    Who::OtherMemberWithoutManageAll,
 ];
+
+/// The scope the authorization table names for `rpc`, if any.
+fn required_scope(rpc: &str) -> Option<&'static str> {
+    Some(match rpc {
+        "CreateKey" => "api_keys.create",
+        "GetKey" | "ListKeys" | "GetKeyStats" => "api_keys.read",
+        "SetKeyStatus" | "RevokeKey" | "DeleteKey" => "api_keys.revoke",
+        "ListAuditEvents" => "audit.read",
+        "ExportAuditEvents" => "audit.export",
+        _ => return None,
+    })
+}
 
 const RPCS: [&str; 12] = [
     "CreateKey",
@@ -69,7 +88,12 @@ fn expected(rpc: &str, who: Who) -> Code {
         Who::ServiceToken => Code::Ok,
         _ if rpc == "ListScopes" => Code::Ok,
         _ if rpc == "VerifyKey" || rpc == "SetOrganizationPlan" => Code::PermissionDenied,
-        Who::KeyLackingScope => Code::PermissionDenied,
+        Who::KeyLackingScope | Who::KeyLackingOnlyTheRequiredScope => Code::PermissionDenied,
+        // Managing a key another member created needs `api_keys.manage_all`.
+        Who::OtherMemberWithoutManageAll if matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey") => {
+            Code::PermissionDenied
+        }
+        Who::OtherMemberWithoutManageAll => Code::Ok,
         Who::KeyWithScope => Code::Ok,
         // Another organization's keys and data do not exist for this caller.
         Who::KeyOfOtherOrganization => Code::NotFound,
@@ -77,6 +101,9 @@ fn expected(rpc: &str, who: Who) -> Code {
 }
 
 struct Callers {
+    /// The whole scope catalog, as ListScopes gives it.
+    catalog: Vec<String>,
+    other_member: String,
     lacking: String,
     with_scope: String,
     other_org: String,
@@ -86,6 +113,10 @@ struct Callers {
 }
 
 async fn key(app: &TestApp, org: &str, scopes: Scopes) -> (String, String) {
+    key_of(app, org, scopes, "alice").await
+}
+
+async fn key_of(app: &TestApp, org: &str, scopes: Scopes, member: &str) -> (String, String) {
     let r = app
         .client
         .clone()
@@ -96,12 +127,16 @@ async fn key(app: &TestApp, org: &str, scopes: Scopes) -> (String, String) {
                 scopes: Some(scopes),
                 ..Default::default()
             },
-            "alice",
+            member,
         ))
         .await
         .unwrap()
         .into_inner();
     (r.key.unwrap().id, r.secret)
+}
+
+fn custom(scopes: impl IntoIterator<Item = String>) -> Scopes {
+    Scopes::Custom(pb::ScopeList { scopes: scopes.into_iter().collect() })
 }
 
 fn preset(p: pb::ScopePreset) -> Scopes {
@@ -120,11 +155,26 @@ async fn callers(app: &TestApp) -> Callers {
     let (id, revoked) = key(app, ORG, preset(pb::ScopePreset::Organization)).await;
     c.revoke_key(as_service(pb::RevokeKeyRequest { id }, "a")).await.unwrap();
     let expired = common::expired_key(app, ORG).await;
-    Callers { lacking, with_scope, other_org, disabled, revoked, expired }
+    let catalog: Vec<String> = c
+        .list_scopes(as_service(pb::ListScopesRequest {}, "a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
+        .into_iter()
+        .flat_map(|g| g.scopes.into_iter().map(|s| s.name))
+        .collect();
+    assert!(catalog.contains(&"api_keys.manage_all".to_string()));
+    let all_but_manage_all = catalog.iter().filter(|s| *s != "api_keys.manage_all").cloned();
+    let (_, other_member) = key_of(app, ORG, custom(all_but_manage_all), "bob").await;
+    Callers { catalog, other_member, lacking, with_scope, other_org, disabled, revoked, expired }
 }
 
-fn request<T>(msg: T, who: Who, callers: &Callers) -> Request<T> {
+/// `lacking_only` is the key of [`Who::KeyLackingOnlyTheRequiredScope`] for this call.
+fn request_as<T>(msg: T, who: Who, callers: &Callers, lacking_only: &str) -> Request<T> {
     let token = match who {
+        Who::KeyLackingOnlyTheRequiredScope => lacking_only,
+        Who::OtherMemberWithoutManageAll => &callers.other_member,
         Who::KeyLackingScope => &callers.lacking,
         Who::KeyWithScope => &callers.with_scope,
         Who::KeyOfOtherOrganization => &callers.other_org,
@@ -150,21 +200,33 @@ fn request<T>(msg: T, who: Who, callers: &Callers) -> Request<T> {
     }
 }
 
-fn code<T>(r: Result<T, tonic::Status>) -> Code {
-    r.map_or_else(|s| s.code(), |_| Code::Ok)
+fn code<T>(r: Result<T, tonic::Status>) -> (Code, String) {
+    r.map_or_else(|s| (s.code(), s.message().to_owned()), |_| (Code::Ok, String::new()))
 }
 
 /// Calls `rpc` as `who` on resources of ORG; a fresh target key per call,
-/// so destructive cells do not affect each other.
-async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> Code {
+/// so destructive cells do not affect each other. Returns the code and message.
+async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> (Code, String) {
     let mut c = app.client.clone();
     let (target, target_secret) = key(app, ORG, preset(pb::ScopePreset::ReadOnly)).await;
+    let lacking_only = if who == Who::KeyLackingOnlyTheRequiredScope {
+        let all_but = callers.catalog.iter().filter(|s| Some(s.as_str()) != required_scope(rpc)).cloned();
+        key(app, ORG, custom(all_but)).await.1
+    } else {
+        String::new()
+    };
+    // Builds each request as `who`, with this call's lacking-only key.
+    macro_rules! request {
+        ($msg:expr, $who:expr, $callers:expr $(,)?) => {
+            request_as($msg, $who, $callers, &lacking_only)
+        };
+    }
     // An API key names its own organization by leaving it empty; the
     // other-organization key names ORG explicitly, as an attacker would.
     let org = || ORG.to_string();
     match rpc {
         "CreateKey" => code(
-            c.create_key(request(
+            c.create_key(request!(
                 pb::CreateKeyRequest {
                     organization_id: org(),
                     name: "made".into(),
@@ -176,31 +238,31 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> Code {
             ))
             .await,
         ),
-        "GetKey" => code(c.get_key(request(pb::GetKeyRequest { id: target }, who, callers)).await),
+        "GetKey" => code(c.get_key(request!(pb::GetKeyRequest { id: target }, who, callers)).await),
         "ListKeys" => code(
-            c.list_keys(request(pb::ListKeysRequest { organization_id: org(), ..Default::default() }, who, callers))
+            c.list_keys(request!(pb::ListKeysRequest { organization_id: org(), ..Default::default() }, who, callers))
                 .await,
         ),
         "SetKeyStatus" => code(
-            c.set_key_status(request(
+            c.set_key_status(request!(
                 pb::SetKeyStatusRequest { id: target, status: pb::KeyStatus::Disabled as i32 },
                 who,
                 callers,
             ))
             .await,
         ),
-        "RevokeKey" => code(c.revoke_key(request(pb::RevokeKeyRequest { id: target }, who, callers)).await),
-        "DeleteKey" => code(c.delete_key(request(pb::DeleteKeyRequest { id: target }, who, callers)).await),
+        "RevokeKey" => code(c.revoke_key(request!(pb::RevokeKeyRequest { id: target }, who, callers)).await),
+        "DeleteKey" => code(c.delete_key(request!(pb::DeleteKeyRequest { id: target }, who, callers)).await),
         "VerifyKey" => code(
-            c.verify_key(request(pb::VerifyKeyRequest { key: target_secret, ..Default::default() }, who, callers))
+            c.verify_key(request!(pb::VerifyKeyRequest { key: target_secret, ..Default::default() }, who, callers))
                 .await,
         ),
         "GetKeyStats" => {
-            code(c.get_key_stats(request(pb::GetKeyStatsRequest { organization_id: org() }, who, callers)).await)
+            code(c.get_key_stats(request!(pb::GetKeyStatsRequest { organization_id: org() }, who, callers)).await)
         }
-        "ListScopes" => code(c.list_scopes(request(pb::ListScopesRequest {}, who, callers)).await),
+        "ListScopes" => code(c.list_scopes(request!(pb::ListScopesRequest {}, who, callers)).await),
         "SetOrganizationPlan" => code(
-            c.set_organization_plan(request(
+            c.set_organization_plan(request!(
                 pb::SetOrganizationPlanRequest { organization_id: org(), plan: pb::Plan::Enterprise as i32 },
                 who,
                 callers,
@@ -208,7 +270,7 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> Code {
             .await,
         ),
         "ListAuditEvents" => code(
-            c.list_audit_events(request(
+            c.list_audit_events(request!(
                 pb::ListAuditEventsRequest { organization_id: org(), ..Default::default() },
                 who,
                 callers,
@@ -217,16 +279,16 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> Code {
         ),
         "ExportAuditEvents" => {
             let req =
-                request(pb::ExportAuditEventsRequest { organization_id: org(), ..Default::default() }, who, callers);
+                request!(pb::ExportAuditEventsRequest { organization_id: org(), ..Default::default() }, who, callers);
             match c.export_audit_events(req).await {
-                Err(s) => s.code(),
+                Err(s) => (s.code(), s.message().to_owned()),
                 Ok(stream) => {
                     let mut stream = stream.into_inner();
                     loop {
                         match stream.message().await {
                             Ok(Some(_)) => continue,
-                            Ok(None) => break Code::Ok,
-                            Err(s) => break s.code(),
+                            Ok(None) => break (Code::Ok, String::new()),
+                            Err(s) => break (s.code(), s.message().to_owned()),
                         }
                     }
                 }
@@ -249,10 +311,23 @@ async fn every_cell_of_the_matrix_has_its_exact_status(b: Backend) {
     let mut wrong = vec![];
     for rpc in RPCS {
         for who in EVERYONE {
-            let got = call(&app, rpc, who, &callers).await;
+            let (got, message) = call(&app, rpc, who, &callers).await;
             let want = expected(rpc, who);
             if got != want {
-                wrong.push(format!("{rpc} as {who:?}: got {got:?}, want {want:?}"));
+                wrong.push(format!("{rpc} as {who:?}: got {got:?} ({message}), want {want:?}"));
+            }
+            // A refusal for a missing scope names the scope the rule needs.
+            if who == Who::KeyLackingOnlyTheRequiredScope
+                && let Some(scope) = required_scope(rpc)
+                && !message.contains(scope)
+            {
+                wrong.push(format!("{rpc} as {who:?}: the refusal does not name `{scope}`: {message}"));
+            }
+            if who == Who::OtherMemberWithoutManageAll
+                && matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey")
+                && !message.contains("manage_all")
+            {
+                wrong.push(format!("{rpc} as {who:?}: the refusal does not name `api_keys.manage_all`: {message}"));
             }
         }
     }

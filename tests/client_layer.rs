@@ -244,3 +244,27 @@ async fn plain_http_callers_get_401_or_403_and_handlers_get_the_verified_key() {
     assert_eq!(call(&router, "/fleet", Some(&reader)).await, (http::StatusCode::OK, None, id));
     assert_eq!(call(&router, "/healthz", None).await, (http::StatusCode::OK, None, "ok".into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_matching_route_decides_which_scopes_are_needed() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (_, reader) = create_key(&app, &["fleet.read"]).await;
+    let (_, manager) = create_key(&app, &["fleet.read", "fleet.manage"]).await;
+    // Declared shortest first and longest first: the order must not matter.
+    for longest_first in [false, true] {
+        let mut builder = VerifyLayer::builder(keys_client(&app).await);
+        let rules: [(&str, &[&str]); 2] = [("/fleet/", &["fleet.read"]), ("/fleet/drain", &["fleet.manage"])];
+        for (path, scopes) in if longest_first { [rules[1], rules[0]] } else { rules } {
+            builder = builder.require(path, scopes.iter().copied());
+        }
+        let router = Router::new()
+            .route("/fleet/status", get(|| async { "status" }))
+            .route("/fleet/drain", get(|| async { "drained" }))
+            .layer(builder.build().expect("layer"));
+        assert_eq!(call(&router, "/fleet/status", Some(&reader)).await.0, http::StatusCode::OK);
+        let (status, _, body) = call(&router, "/fleet/drain", Some(&reader)).await;
+        assert_eq!(status, http::StatusCode::FORBIDDEN, "a fleet.read key reached a fleet.manage route");
+        assert!(body.contains("fleet.manage"), "{body}");
+        assert_eq!(call(&router, "/fleet/drain", Some(&manager)).await.0, http::StatusCode::OK);
+    }
+}

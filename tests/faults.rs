@@ -313,3 +313,24 @@ async fn concurrent_toggles_and_deletes_of_one_key_end_consistent(b: Backend) {
 }
 
 for_each_backend!(concurrent_toggles_and_deletes_of_one_key_end_consistent);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_a_change_named_is_never_served_stale_during_an_outage() {
+    let pg = PgCluster::start();
+    let app = outage_app(&pg, 300_000).await;
+    let mut c = app.client.clone();
+    let (id, key) = create(&mut c, "acme").await.unwrap();
+    let (_, other) = create(&mut c, "acme").await.unwrap();
+    assert!(verify(&mut c, &key).await.unwrap().valid);
+    assert!(verify(&mut c, &other).await.unwrap().valid);
+    // Disabled, then the store goes away before anything re-read the record.
+    c.set_key_status(as_service(pb::SetKeyStatusRequest { id, status: pb::KeyStatus::Disabled as i32 }, "a"))
+        .await
+        .unwrap();
+    pg.stop();
+    let e = verify(&mut c, &key).await.expect_err("the changed key must not verify from its old record");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    // An unchanged key still rides the outage out.
+    let r = verify(&mut c, &other).await.expect("an unchanged cached key is served stale");
+    assert!(r.valid && r.stale, "{r:?}");
+}

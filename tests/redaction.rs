@@ -6,6 +6,7 @@ mod common;
 use common::{Backend, PEPPER, SERVICE_TOKEN, TestApp, as_service, with_bearer};
 use std::sync::{Arc, Mutex};
 use takumo_keys::proto::pb::{self, create_key_request::Scopes};
+use tonic::Code;
 use tracing_subscriber::fmt::MakeWriter;
 
 #[derive(Clone, Default)]
@@ -47,33 +48,46 @@ async fn flow(backend: Backend, secrets: &mut Vec<String>) {
     let key = created.key.unwrap();
     let secret = created.secret;
     secrets.push(secret.clone());
-    for required in [vec![], vec!["fleet.read".to_string()], vec!["no.such".to_string()]] {
-        let _ = c
+    // Each call's outcome is asserted: the test proves it ran the paths whose logs it reads.
+    let valid = pb::VerifyCode::Valid as i32;
+    for (required, want) in [
+        (vec![], Ok(valid)),
+        (vec!["fleet.read".to_string()], Ok(valid)),
+        (vec!["no.such".to_string()], Err(Code::InvalidArgument)),
+    ] {
+        let got = c
             .verify_key(as_service(
                 pb::VerifyKeyRequest { key: secret.clone(), required_scopes: required, organization_id: None },
                 "a",
             ))
-            .await;
+            .await
+            .map(|r| r.into_inner().code)
+            .map_err(|s| s.code());
+        assert_eq!(got, want);
     }
     // A typo of the real key, and the key as a bearer on management calls.
     let typo = format!("{}0", &secret[..secret.len() - 1]);
     secrets.push(typo.clone());
-    let _ = c.verify_key(as_service(pb::VerifyKeyRequest { key: typo.clone(), ..Default::default() }, "a")).await;
-    let _ = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &secret)).await;
-    let _ = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &typo)).await;
-    let _ = c.get_key(with_bearer(pb::GetKeyRequest { id: key.id.clone() }, &secret)).await;
+    let r = c.verify_key(as_service(pb::VerifyKeyRequest { key: typo.clone(), ..Default::default() }, "a")).await;
+    assert_eq!(r.unwrap().into_inner().code(), pb::VerifyCode::Malformed);
+    c.list_keys(with_bearer(pb::ListKeysRequest::default(), &secret)).await.expect("the key lists");
+    let e = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &typo)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    c.get_key(with_bearer(pb::GetKeyRequest { id: key.id.clone() }, &secret)).await.expect("the key reads itself");
     let wrong_token = "wrong-service-token-that-is-long-enough-0123";
     secrets.push(wrong_token.into());
-    let _ = c.list_scopes(with_bearer(pb::ListScopesRequest {}, wrong_token)).await;
-    let _ = c
-        .set_key_status(with_bearer(
-            pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
-            &secret,
-        ))
-        .await;
-    let _ = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &secret)).await;
-    let _ = c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "a")).await;
-    let _ = c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "a")).await;
+    let e = c.list_scopes(with_bearer(pb::ListScopesRequest {}, wrong_token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    c.set_key_status(with_bearer(
+        pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
+        &secret,
+    ))
+    .await
+    .expect("the key disables itself");
+    let e = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &secret)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "a disabled key is refused");
+    c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "a")).await.expect("revoked");
+    c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "a")).await.expect("deleted");
     app.usage.flush().await.unwrap();
     app.shutdown().await;
 }

@@ -467,3 +467,88 @@ async fn a_pepper_file_others_can_read_stops_startup_naming_it() {
     let e = Application::build(&args).await.err().expect("startup refused").to_string();
     assert!(e.contains("b.db.pepper") && e.contains("0644"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_pepper_keeps_old_keys_verifying_and_rehashes_them() {
+    let db = Arc::new(TestDb::new(Backend::Sqlite).await);
+    const NEW: &str = "the-new-pepper-0123456789abcdef";
+    let before = TestApp::spawn_on(db.clone(), common::serve_args).await;
+    let (k, key) = service_key(&mut before.client.clone(), custom(&["fleet.read"]), pb::Environment::Live, None).await;
+    before.shutdown().await;
+
+    // Only the new pepper: the old key's pepper is unknown, which is a
+    // configuration error (INTERNAL), never "invalid key".
+    let rotated_badly = TestApp::spawn_on(db.clone(), |url| {
+        let mut a = common::serve_args(url);
+        a.store.pepper = Some(takumo_keys::secret::SecretString::new(NEW));
+        a
+    })
+    .await;
+    let e = rotated_badly.client.clone().verify_key(as_service(verify_req(&key), "gw")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    rotated_badly.shutdown().await;
+
+    // New pepper plus the old one in TAKUMO_PREVIOUS_PEPPERS: verifies, and is rehashed with the new one.
+    let rotated = TestApp::spawn_on(db.clone(), |url| {
+        let mut a = common::serve_args(url);
+        a.store.pepper = Some(takumo_keys::secret::SecretString::new(NEW));
+        a.store.previous_peppers = Some(takumo_keys::secret::SecretString::new(common::PEPPER));
+        a
+    })
+    .await;
+    assert!(rotated.client.clone().verify_key(as_service(verify_req(&key), "gw")).await.unwrap().into_inner().valid);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Metrics::get(&rotated.metrics.argon2_rehashes) == 0 {
+        assert!(std::time::Instant::now() < deadline, "not rehashed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (_, stored) = rotated.store.get_key_with_hash(&k.id).await.unwrap().unwrap();
+    assert_eq!(stored.pepper_id, takumo_keys::hashing::pepper_id(&takumo_keys::secret::SecretString::new(NEW)));
+    rotated.shutdown().await;
+
+    // The old pepper can now be dropped.
+    let done = TestApp::spawn_on(db, |url| {
+        let mut a = common::serve_args(url);
+        a.store.pepper = Some(takumo_keys::secret::SecretString::new(NEW));
+        a
+    })
+    .await;
+    assert!(done.client.clone().verify_key(as_service(verify_req(&key), "gw")).await.unwrap().into_inner().valid);
+}
+
+fn verify_req(key: &str) -> pb::VerifyKeyRequest {
+    pb::VerifyKeyRequest { key: key.into(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_configured_service_token_authenticates_including_rotations_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new, billing) = (
+        "dashboard-old-token-0123456789abcdef",
+        "dashboard-new-token-0123456789abcdef",
+        "billing-token-0123456789abcdef0123",
+    );
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, format!("billing={billing}\n")).unwrap();
+    let db = Arc::new(TestDb::new(Backend::Sqlite).await);
+    let app = TestApp::spawn_on(db, |url| {
+        let mut a = common::serve_args(url);
+        a.service_tokens = Some(takumo_keys::secret::SecretString::new(format!("dashboard={old},dashboard={new}")));
+        a.service_tokens_file = Some(file.clone());
+        a
+    })
+    .await;
+    let mut c = app.client.clone();
+    for (token, name) in [(old, "dashboard"), (new, "dashboard"), (billing, "billing")] {
+        let mut req = with_bearer(
+            pb::SetOrganizationPlanRequest { organization_id: "acme".into(), plan: pb::Plan::Pro as i32 },
+            token,
+        );
+        req.metadata_mut().insert("x-takumo-actor", "ops".parse().unwrap());
+        c.set_organization_plan(req).await.unwrap_or_else(|e| panic!("{name} token refused: {e:?}"));
+        let events = app.store.list_audit_events("acme", &Default::default(), None, 1).await.unwrap();
+        assert_eq!(events[0].principal, format!("service:{name}"));
+    }
+    let e = c.list_scopes(with_bearer(pb::ListScopesRequest {}, common::SERVICE_TOKEN)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "a token no longer configured");
+}

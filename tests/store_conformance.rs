@@ -316,6 +316,27 @@ async fn replicas_starting_together_migrate_once(b: Backend) {
     for t in tasks {
         t.await.unwrap().expect("each replica starts");
     }
+    // Once: one row per migration version in sqlx's ledger, all applied.
+    let versions: Vec<(i64, bool)> = match b {
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let mut unique: Vec<i64> = versions.iter().map(|(v, _)| *v).collect();
+    unique.dedup();
+    assert_eq!(unique.len(), versions.len(), "a migration ran twice: {versions:?}");
+    assert!(!versions.is_empty() && versions.iter().all(|(_, ok)| *ok), "{versions:?}");
 }
 
 async fn every_mutation_appends_an_audit_event_in_its_transaction(b: Backend) {

@@ -401,3 +401,24 @@ mod replicas {
         super::usage_from_two_replicas_adds_up().await
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_key_is_re_read_once_older_than_the_freshness_bound() {
+    let db = Arc::new(TestDb::new(Backend::Sqlite).await);
+    let app = TestApp::spawn_on(db, |url| {
+        let mut a = common::serve_args(url);
+        a.cache_freshness_ms = 50;
+        a
+    })
+    .await;
+    let (_, secret) = create(&app, "acme", None).await;
+    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    let reads = Metrics::get(&app.metrics.store_key_reads);
+    assert_eq!(Metrics::get(&app.metrics.cache_refreshes), 0, "fresh: answered from the cache");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(Metrics::get(&app.metrics.cache_refreshes), 1, "older than 50 ms: re-read");
+    assert_eq!(Metrics::get(&app.metrics.store_key_reads), reads + 1);
+    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1, "a re-read needs no argon2");
+}

@@ -20,6 +20,11 @@ use tokio::sync::oneshot;
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 pub const SERVICE_TOKEN: &str = "svc-token-0123456789abcdef0123456789abcdef";
+
+/// Every call of the test clients carries this deadline, so a call that
+/// would block (a statement timeout no longer applied, a lost wake-up) fails
+/// the test with DEADLINE_EXCEEDED instead of hanging CI.
+pub const RPC_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 pub const PEPPER: &str = "test-pepper-0123456789abcdef";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +216,7 @@ impl TestApp {
             }
         }
         // Lazy: a TLS server would refuse this plaintext channel; tests of TLS make their own.
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().timeout(RPC_DEADLINE).connect_lazy();
         Self {
             addr,
             client: ApiKeyServiceClient::new(channel),
@@ -370,7 +375,12 @@ impl ServerProcess {
     }
 
     pub async fn client(&self) -> ApiKeyServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .timeout(RPC_DEADLINE)
+            .connect()
+            .await
+            .unwrap();
         ApiKeyServiceClient::new(channel)
     }
 
@@ -384,12 +394,17 @@ impl ServerProcess {
 
     /// Waits for the process to exit (10 s deadline) and returns its status.
     pub async fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        self.wait_for(std::time::Duration::from_secs(10)).await
+    }
+
+    /// Waits for the process to exit, at most `limit`, and returns its status.
+    pub async fn wait_for(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "server did not exit in 10 s");
+            assert!(std::time::Instant::now() < deadline, "server did not exit in {limit:?}");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
