@@ -71,8 +71,9 @@ fuzz_target!(|data: &[u8]| {
             Some(pb::create_key_request::Scopes::Custom(list)) => scope_list(&list.scopes, "custom scopes"),
             None => {}
         }
-        if let Ok(env) = proto::environment(r.environment) {
-            let _ = pb::Environment::from(env);
+        // Unspecified decodes to None (the caller's own environment).
+        if let Ok(Some(env)) = proto::environment(r.environment) {
+            assert_eq!(pb::Environment::from(env) as i32, r.environment);
         }
         timestamp("expires_at", &r.expires_at);
     }
