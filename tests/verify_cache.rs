@@ -207,6 +207,18 @@ async fn usage_from_two_replicas_adds_up() {
     assert_eq!(store.key_stats("acme", chrono::Utc::now()).await.unwrap().api_calls_24h, 34);
 }
 
+/// Disables key `id` through `app`, as the dashboard acting for alice.
+async fn disable(app: &TestApp, id: &str) {
+    app.client
+        .clone()
+        .set_key_status(as_service(
+            pb::SetKeyStatusRequest { id: id.into(), status: pb::KeyStatus::Disabled as i32 },
+            "alice",
+        ))
+        .await
+        .unwrap();
+}
+
 fn wrong_secret(id: &str, n: usize) -> String {
     let secret: String = format!("{n:0>width$}", width = keys::SECRET_LEN);
     keys::compose(Environment::Live, id, &secret).into_exposed()
@@ -224,14 +236,7 @@ async fn wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_change
 
     // A change voids the id's record: the first sight of the real secret
     // afterwards sees the change, not the record read before it.
-    app.client
-        .clone()
-        .set_key_status(as_service(
-            pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
-            "alice",
-        ))
-        .await
-        .unwrap();
+    disable(&app, &key.id).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
     assert_eq!(Metrics::get(&app.metrics.store_key_reads), 2);
 }
@@ -287,14 +292,7 @@ async fn a_change_on_another_replica_voids_the_id_cache() {
     // b reads the key's record while refuting a wrong secret.
     assert_eq!(verify(&b, &wrong_secret(&key.id, 1)).await, pb::VerifyCode::NotFound);
     let invalidations = Metrics::get(&b.metrics.invalidations);
-    a.client
-        .clone()
-        .set_key_status(as_service(
-            pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
-            "alice",
-        ))
-        .await
-        .unwrap();
+    disable(&a, &key.id).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Metrics::get(&b.metrics.invalidations) == invalidations {
         assert!(Instant::now() < deadline, "the notice did not reach b within 5 s");
