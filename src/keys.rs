@@ -188,6 +188,38 @@ mod tests {
     }
 
     #[test]
+    fn a_parsed_key_debug_prints_its_id_and_no_secret() {
+        let k = generate(Environment::Live);
+        let shown = format!("{:?}", parse(k.full.expose()).unwrap());
+        assert!(shown.contains(&k.id) && shown.contains("[redacted]"), "{shown}");
+        assert!(!shown.contains(k.secret_part()), "{shown}");
+    }
+
+    #[test]
+    fn generated_characters_are_uniform_over_base62() {
+        // 192,000 characters of ids and secrets: each of the 62 is expected
+        // ~3,100 times (standard deviation ~55). A biased generator (a skewed
+        // rejection bound that lets one character in 25% more often, a short
+        // alphabet) leaves the ±10% band by many deviations; uniform sampling
+        // leaves it with no probability worth naming.
+        let mut counts = [0usize; 62];
+        for _ in 0..4000 {
+            let k = generate(Environment::Live);
+            for c in k.secret_part().bytes().chain(k.id.bytes()) {
+                counts[BASE62.iter().position(|&b| b == c).expect("base62")] += 1;
+            }
+        }
+        let expected = 4000 * (SECRET_LEN + ID_LEN) / 62;
+        for (i, n) in counts.iter().enumerate() {
+            assert!(
+                *n * 10 > expected * 9 && *n * 10 < expected * 11,
+                "{:?} seen {n} times, ~{expected} expected",
+                BASE62[i] as char
+            );
+        }
+    }
+
+    #[test]
     fn secret_part_carries_at_least_190_bits() {
         assert!(SECRET_LEN as f64 * 62f64.log2() >= 190.0);
     }
