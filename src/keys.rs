@@ -250,6 +250,10 @@ mod tests {
         let out = redact_keys(&msg);
         assert!(!out.contains(k.secret_part()) && !out.contains(&full[16..20]), "{out}");
         assert_eq!(out.matches(&full[..16]).count(), 3, "{out}");
+        // Test keys too, alone in a message.
+        let t = generate(Environment::Test);
+        let out = redact_keys(t.full.expose());
+        assert_eq!(out, format!("{}…", &t.full.expose()[..16]));
         assert_eq!(redact_keys("tk_live_short"), "tk_live_short");
         assert_eq!(redact_keys("no key here"), "no key here");
     }
