@@ -255,6 +255,8 @@ mod tests {
         let out = redact_keys(t.full.expose());
         assert_eq!(out, format!("{}…", &t.full.expose()[..16]));
         assert_eq!(redact_keys("tk_live_short"), "tk_live_short");
+        // A display prefix (exactly 16 characters) is public and left whole.
+        assert_eq!(redact_keys("prefix tk_live_ABCDEFGH."), "prefix tk_live_ABCDEFGH.");
         assert_eq!(redact_keys("no key here"), "no key here");
     }
 
