@@ -376,6 +376,7 @@ async fn only_accepted_calls_count_as_api_calls(b: Backend) {
 }
 
 for_each_backend!(
+    a_sane_request_id_is_recorded_and_any_other_is_replaced,
     a_weaker_key_cannot_re_enable_a_stronger_one,
     a_test_key_acts_in_the_test_environment_only,
     a_key_never_outlives_the_key_that_made_it,
@@ -551,4 +552,31 @@ async fn every_configured_service_token_authenticates_including_rotations_and_th
     }
     let e = c.list_scopes(with_bearer(pb::ListScopesRequest {}, common::SERVICE_TOKEN)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "a token no longer configured");
+}
+
+async fn a_sane_request_id_is_recorded_and_any_other_is_replaced(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    let long = "r".repeat(128);
+    let too_long = "r".repeat(129);
+    for (sent, kept) in
+        [("req-42", true), (long.as_str(), true), ("", false), (too_long.as_str(), false), ("has space", false)]
+    {
+        let mut req = as_service(
+            pb::SetOrganizationPlanRequest { organization_id: "acme".into(), plan: pb::Plan::Pro as i32 },
+            "billing",
+        );
+        req.metadata_mut().insert("x-request-id", sent.parse().unwrap());
+        c.set_organization_plan(req).await.unwrap();
+        let events = app.store.list_audit_events("acme", &Default::default(), None, 1).await.unwrap();
+        let recorded = &events[0].request_id;
+        if kept {
+            assert_eq!(recorded, sent);
+        } else {
+            assert!(
+                recorded.len() == 32 && recorded.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{sent:?} was recorded as {recorded:?}, not replaced by a generated id"
+            );
+        }
+    }
 }
