@@ -112,6 +112,9 @@ async fn a_test_key_acts_in_the_test_environment_only(b: Backend) {
     assert!(made.secret.starts_with("tk_test_"));
     let e = c.create_key(with_bearer(create(pb::Environment::Live), &test)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    // Asking for its own environment explicitly is fine.
+    let explicit = c.create_key(with_bearer(create(pb::Environment::Test), &test)).await.unwrap().into_inner();
+    assert_eq!(explicit.key.as_ref().unwrap().environment(), pb::Environment::Test);
 
     // Live keys do not exist for it.
     let id = || live.id.clone();
@@ -129,19 +132,19 @@ async fn a_test_key_acts_in_the_test_environment_only(b: Backend) {
     let listed = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &test)).await.unwrap().into_inner();
     let mut ids: Vec<_> = listed.keys.iter().map(|k| k.id.clone()).collect();
     ids.sort();
-    let mut want = vec![test_key.id.clone(), made.key.unwrap().id];
+    let mut want = vec![test_key.id.clone(), made.key.unwrap().id, explicit.key.unwrap().id];
     want.sort();
     assert_eq!(ids, want, "ListKeys shows only test keys");
 
     // Stats stay organization-wide; service tokens see both environments.
     let stats = c.get_key_stats(with_bearer(pb::GetKeyStatsRequest::default(), &test)).await.unwrap().into_inner();
-    assert_eq!(stats.total_keys, 3);
+    assert_eq!(stats.total_keys, 4);
     let all = c
         .list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "a"))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(all.keys.len(), 3);
+    assert_eq!(all.keys.len(), 4);
 }
 
 async fn a_key_never_outlives_the_key_that_made_it(b: Backend) {
