@@ -379,6 +379,7 @@ async fn only_accepted_calls_count_as_api_calls(b: Backend) {
 }
 
 for_each_backend!(
+    re_enabling_and_granting_stop_at_the_callers_own_power,
     a_sane_request_id_is_recorded_and_any_other_is_replaced,
     a_weaker_key_cannot_re_enable_a_stronger_one,
     a_test_key_acts_in_the_test_environment_only,
@@ -582,4 +583,58 @@ async fn a_sane_request_id_is_recorded_and_any_other_is_replaced(b: Backend) {
             );
         }
     }
+}
+
+async fn re_enabling_and_granting_stop_at_the_callers_own_power(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    enterprise(&mut c, "acme").await;
+    let hour = now_plus(3600);
+    let (_, caller) = service_key(&mut c, organization(), pb::Environment::Live, Some(hour)).await;
+    let base = c.clone();
+    let disabled = |expires_at: Option<Timestamp>| {
+        let mut c = base.clone();
+        async move {
+            let (k, _) = service_key(&mut c, custom(&["fleet.read"]), pb::Environment::Live, expires_at).await;
+            c.set_key_status(as_service(set_status(&k.id, pb::KeyStatus::Disabled), "admin")).await.unwrap();
+            k.id
+        }
+    };
+    // A key that would outlive the caller (never expires, or later) stays disabled.
+    for later in [None, Some(now_plus(7200))] {
+        let id = disabled(later).await;
+        let e = c.set_key_status(with_bearer(set_status(&id, pb::KeyStatus::Active), &caller)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+    // Expiring sooner, or at the same moment, is fine.
+    for sooner in [Some(now_plus(1800)), Some(hour)] {
+        let id = disabled(sooner).await;
+        c.set_key_status(with_bearer(set_status(&id, pb::KeyStatus::Active), &caller)).await.unwrap();
+    }
+
+    // Another member's key: managed with api_keys.manage_all.
+    let (bobs, _) = {
+        let req = pb::CreateKeyRequest {
+            organization_id: "acme".into(),
+            name: "bob's".into(),
+            scopes: Some(custom(&["fleet.read"])),
+            ..Default::default()
+        };
+        let r = c.create_key(as_service(req, "bob")).await.unwrap().into_inner();
+        (r.key.unwrap(), r.secret)
+    };
+    let (_, admin) = service_key(&mut c, organization(), pb::Environment::Live, None).await;
+    c.set_key_status(with_bearer(set_status(&bobs.id, pb::KeyStatus::Disabled), &admin))
+        .await
+        .expect("manage_all manages another member's key");
+
+    // A key grants only scopes it holds.
+    let (_, narrow) =
+        service_key(&mut c, custom(&["api_keys.create", "fleet.read"]), pb::Environment::Live, None).await;
+    let req =
+        |scopes: &[&str]| pb::CreateKeyRequest { name: "n".into(), scopes: Some(custom(scopes)), ..Default::default() };
+    c.create_key(with_bearer(req(&["fleet.read"]), &narrow)).await.expect("a scope it holds");
+    let e = c.create_key(with_bearer(req(&["fleet.read", "fleet.manage"]), &narrow)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("fleet.manage"), "{}", e.message());
 }
