@@ -195,15 +195,7 @@ fn main() {
     assert!(opts.concurrency > 0 && opts.connections > 0, "--concurrency and --connections must be at least 1");
     assert!(opts.orgs > 0 && opts.stable_keys > 0, "--orgs and --stable-keys must be at least 1");
     assert!((1..=500).contains(&opts.list_page_size), "--list-page-size must be 1..=500");
-    if !opts.server_bin.exists() {
-        // `cargo bench` builds the binary; a custom path may not exist yet.
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--bin", "takumo-keys"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build --release failed");
-    }
+    support::ensure_server_built(&opts.server_bin);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.client_threads.max(1))
         .enable_all()

@@ -221,7 +221,7 @@ fn main() {
     assert!(opts.concurrency > 0 && opts.connections > 0, "--concurrency and --connections must be at least 1");
     assert!(opts.warm_keys > 0, "--warm-keys must be at least 1");
     assert!(opts.h2load_connections > 0 && opts.h2load_streams > 0, "h2load needs a connection and a stream");
-    ensure_server_built(&opts);
+    support::ensure_server_built(&opts.server_bin);
     let h2load =
         H2load { bin: opts.h2load.clone(), connections: opts.h2load_connections, streams: opts.h2load_streams };
     // Checked before any work: without h2load the run has no throughput ratios.
@@ -267,19 +267,6 @@ fn main() {
         }
         std::process::exit(1);
     }
-}
-
-/// `cargo bench` builds the server binary; a custom `--server-bin` may not exist yet.
-fn ensure_server_built(opts: &Opts) {
-    if opts.server_bin.exists() {
-        return;
-    }
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--bin", "takumo-keys"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build --release failed");
 }
 
 // ---------------------------------------------------------------------------

@@ -575,3 +575,16 @@ pub fn nghttp_grpc_status(target: &GrpcTarget) -> Result<(i32, String), String> 
     let status = status.parse().map_err(|_| format!("grpc-status `{status}` is not a number"))?;
     Ok((status, field("grpc-message").unwrap_or_default()))
 }
+
+/// `cargo bench` builds the server binary; a custom `--server-bin` may not exist yet.
+pub fn ensure_server_built(server_bin: &std::path::Path) {
+    if server_bin.exists() {
+        return;
+    }
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "takumo-keys"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --release failed");
+}
