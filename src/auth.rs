@@ -219,20 +219,13 @@ impl Caller {
     }
 
     /// Setting a key ACTIVE grants its power again, so an API key may do it
-    /// only for a key it could have created: its own scopes cover the
-    /// target's and the target does not outlive it.
+    /// only for a key it could have created: the same grant rule as
+    /// CreateKey for its scopes, and the target does not outlive it.
     pub fn ensure_can_enable(&self, target: &ApiKey) -> Result<()> {
         let Principal::Key(own) = &self.principal else {
             return Ok(());
         };
-        let missing = scopes::missing(&own.scopes, &target.scopes);
-        if !missing.is_empty() {
-            return Err(Error::PermissionDenied(format!(
-                "re-enabling key {} would grant scopes this API key does not hold: {}",
-                target.id,
-                missing.join(", ")
-            )));
-        }
+        self.ensure_can_grant(&target.scopes)?;
         if let Some(limit) = own.expires_at
             && target.expires_at.is_none_or(|t| t > limit)
         {

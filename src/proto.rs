@@ -34,11 +34,9 @@ pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTim
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(Error::invalid(format!("{field}: nanos must be within 0..1e9")));
     }
-    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) {
-        return Err(Error::invalid(format!("{field}: must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z")));
-    }
-    DateTime::from_timestamp(t.seconds, t.nanos as u32)
-        .ok_or_else(|| Error::invalid(format!("{field}: timestamp out of range")))
+    DateTime::from_timestamp(t.seconds, t.nanos as u32).filter(|t| in_storable_range(*t)).ok_or_else(|| {
+        Error::invalid(format!("{field}: must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z"))
+    })
 }
 
 impl From<KeyStatus> for pb::KeyStatus {

@@ -35,12 +35,7 @@ async fn list(c: &mut Client) -> Result<pb::ListKeysResponse, tonic::Status> {
 }
 
 async fn set_enterprise(c: &mut Client, org: &str) {
-    c.set_organization_plan(as_service(
-        pb::SetOrganizationPlanRequest { organization_id: org.into(), plan: pb::Plan::Enterprise as i32 },
-        "billing",
-    ))
-    .await
-    .unwrap();
+    common::set_plan(c, org, pb::Plan::Enterprise).await
 }
 
 /// Polls `check` every 50 ms until it holds, failing after `secs`.

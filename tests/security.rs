@@ -27,12 +27,7 @@ fn now_plus(secs: i64) -> Timestamp {
 }
 
 async fn enterprise(c: &mut Client, org: &str) {
-    c.set_organization_plan(as_service(
-        pb::SetOrganizationPlanRequest { organization_id: org.into(), plan: pb::Plan::Enterprise as i32 },
-        "billing",
-    ))
-    .await
-    .unwrap();
+    common::set_plan(c, org, pb::Plan::Enterprise).await
 }
 
 /// A key for alice in acme, created by the dashboard (a service token).

@@ -419,6 +419,17 @@ impl Drop for ServerProcess {
 
 pub type Client = ApiKeyServiceClient<Channel>;
 
+/// Puts `org` on `plan`, as the billing backend.
+pub async fn set_plan(c: &mut Client, org: &str, plan: takumo_keys::proto::pb::Plan) {
+    use takumo_keys::proto::pb::SetOrganizationPlanRequest;
+    c.set_organization_plan(as_service(
+        SetOrganizationPlanRequest { organization_id: org.into(), plan: plan as i32 },
+        "billing",
+    ))
+    .await
+    .unwrap();
+}
+
 /// Creates a read-only key in `org`, as the dashboard acting for alice.
 pub async fn create_read_only(
     c: &mut Client,
