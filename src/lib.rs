@@ -5,7 +5,8 @@
 //! - [`auth`]: principals (service tokens, API keys) and the authorization table.
 //! - [`verify`]: the verification pipeline shared by `VerifyKey` and authentication.
 //! - [`keys`]: the key format, generation and checksum; [`hashing`]: argon2id with a pepper.
-//! - [`scopes`]: the scope catalog and presets; [`model`]: domain types.
+//! - [`scopes`]: the scope catalog and presets; [`model`]: domain types;
+//!   [`page_token`]: the list RPCs' page tokens.
 //! - [`store`]: the `Store` trait and its PostgreSQL and SQLite backends.
 //! - [`cache`]: the verified-key cache; [`usage`]: batched usage counting;
 //!   [`metrics`]: counters of the verification path.
@@ -25,6 +26,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod page_token;
 pub mod proto;
 pub mod scopes;
 pub mod secret;

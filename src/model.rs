@@ -130,6 +130,11 @@ pub struct ApiKey {
 }
 
 impl ApiKey {
+    /// This key's position in `ListKeys` order, where the next page starts after.
+    pub fn cursor(&self) -> Cursor {
+        Cursor { created_at: self.created_at, id: self.id.clone() }
+    }
+
     pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }

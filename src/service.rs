@@ -8,7 +8,8 @@ use crate::{
     hashing::Hasher,
     keys,
     metrics::{self, Metrics},
-    model::{ApiKey, AuditContext, AuditFilter, Cursor, Environment, KeyStatus, ListFilter, NewKey},
+    model::{ApiKey, AuditContext, AuditFilter, Environment, KeyStatus, ListFilter, NewKey},
+    page_token,
     proto::{self, pb},
     scopes,
     secret::SecretString,
@@ -16,7 +17,6 @@ use crate::{
     telemetry, validate,
     verify::{Denial, Resolution, Verifier, decide},
 };
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use pb::api_key_service_server::ApiKeyService;
@@ -127,7 +127,7 @@ impl KeysService {
         let organization_id = caller.organization(&r.organization_id)?;
         telemetry::record("organization_id", &organization_id);
         let page_size = page_size(r.page_size)?;
-        let after = (!r.page_token.is_empty()).then(|| decode_page_token(&r.page_token)).transpose()?;
+        let after = (!r.page_token.is_empty()).then(|| page_token::decode_key_cursor(&r.page_token)).transpose()?;
         let filter = ListFilter {
             status: r.status.map(|s| proto::key_status("status", s)).transpose()?.flatten(),
             created_by: r.created_by.filter(|c| !c.is_empty()),
@@ -136,7 +136,7 @@ impl KeysService {
         let mut keys = self.store.list_keys(&organization_id, &filter, after.as_ref(), page_size + 1).await?;
         let next_page_token = if keys.len() > page_size {
             keys.truncate(page_size);
-            keys.last().map(encode_page_token).unwrap_or_default()
+            keys.last().map(|k| page_token::encode_key_cursor(&k.cursor())).unwrap_or_default()
         } else {
             String::new()
         };
@@ -278,7 +278,8 @@ impl KeysService {
         let organization_id = caller.organization(&r.organization_id)?;
         telemetry::record("organization_id", &organization_id);
         let page_size = page_size(r.page_size)?;
-        let before_id = (!r.page_token.is_empty()).then(|| decode_audit_token(&r.page_token)).transpose()?;
+        let before_id =
+            (!r.page_token.is_empty()).then(|| page_token::decode_audit_cursor(&r.page_token)).transpose()?;
         let filter = AuditFilter {
             since: r.since.as_ref().map(|t| proto::from_timestamp("since", t)).transpose()?,
             until: r.until.as_ref().map(|t| proto::from_timestamp("until", t)).transpose()?,
@@ -287,7 +288,7 @@ impl KeysService {
         let mut events = self.store.list_audit_events(&organization_id, &filter, before_id, page_size + 1).await?;
         let next_page_token = if events.len() > page_size {
             events.truncate(page_size);
-            events.last().map(|e| URL_SAFE_NO_PAD.encode(format!("audit.{}", e.id))).unwrap_or_default()
+            events.last().map(|e| page_token::encode_audit_cursor(e.id)).unwrap_or_default()
         } else {
             String::new()
         };
@@ -417,25 +418,6 @@ fn printable_id(id: &str) -> String {
     }
 }
 
-/// Opaque to clients: the last row's position, `<micros>.<id>`, base64url.
-fn encode_page_token(k: &ApiKey) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}.{}", k.created_at.timestamp_micros(), k.id))
-}
-
-fn decode_page_token(token: &str) -> Result<Cursor> {
-    let bad = || Error::invalid("page_token is not one this service issued; start again with an empty page_token");
-    let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
-    let micros: i64 = micros.parse().map_err(|_| bad())?;
-    let created_at: DateTime<Utc> =
-        DateTime::from_timestamp_micros(micros).filter(|t| proto::in_storable_range(*t)).ok_or_else(bad)?;
-    if !keys::is_valid_id(id) {
-        return Err(bad());
-    }
-    Ok(Cursor { created_at, id: id.to_owned() })
-}
-
 /// Rows read per page while exporting the audit log.
 const EXPORT_BATCH: usize = 500;
 
@@ -448,13 +430,6 @@ fn page_size(requested: i32) -> Result<usize> {
         n if n as usize > MAX_PAGE_SIZE => Err(Error::invalid(format!("page_size must be at most {MAX_PAGE_SIZE}"))),
         n => Ok(n as usize),
     }
-}
-
-fn decode_audit_token(token: &str) -> Result<i64> {
-    let bad = || Error::invalid("page_token is not one this service issued; start again with an empty page_token");
-    let raw = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    raw.strip_prefix("audit.").and_then(|id| id.parse().ok()).ok_or_else(bad)
 }
 
 impl KeysService {
