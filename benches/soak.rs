@@ -1757,7 +1757,7 @@ impl Report {
         let mut out = [0u64; 9];
         for m in &self.scraped {
             let t = m.as_ref().ok()?;
-            for (i, name) in takumo_keys::metrics::VERIFY_CODES.iter().enumerate().skip(1) {
+            for (i, name) in verify_code_labels() {
                 let label = format!("code=\"{name}\"");
                 out[i] += metric(t, "takumo_keys_verify_outcomes_total", &[&label])? as u64;
             }
@@ -2040,7 +2040,7 @@ impl Report {
         s.push_str(
             "| VerifyKey outcome | client saw | servers counted (`verify_outcomes_total`, both) |\n|---|---:|---:|\n",
         );
-        for (i, name) in takumo_keys::metrics::VERIFY_CODES.iter().enumerate().skip(1) {
+        for (i, name) in verify_code_labels() {
             let sv = server.map_or("?".into(), |c| c[i].to_string());
             if self.client_codes[i] > 0 || server.is_some_and(|c| c[i] > 0) {
                 let _ = writeln!(s, "| {name} | {} | {sv} |", self.client_codes[i]);
@@ -2163,4 +2163,13 @@ fn mem_total_gib() -> f64 {
             m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0)
+}
+
+/// Every VerifyKey code but UNSPECIFIED, with its metric label, by wire number
+/// (the index the client-side tallies use).
+fn verify_code_labels() -> impl Iterator<Item = (usize, &'static str)> {
+    (1..9).filter_map(|i| {
+        let code = takumo_keys::proto::pb::VerifyCode::try_from(i as i32).ok()?;
+        Some((i, takumo_keys::verify::code_label(code)))
+    })
 }

@@ -13,7 +13,7 @@ use crate::{
     secret::SecretString,
     tls::CertServices,
     validate,
-    verify::{Resolution, Verifier},
+    verify::{Denial, Purpose, Verdict, Verifier},
 };
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -398,17 +398,13 @@ impl Authenticator {
             .ok_or_else(|| unauth("`authorization` metadata must be `Bearer <token>`"))?;
 
         let principal = if keys::looks_like_key(token) {
-            match self.verifier.resolve(token).await? {
-                Resolution::Malformed | Resolution::NotFound => {
-                    return Err(unauth("the API key is invalid"));
+            match self.verifier.verify(token, Purpose::Credential).await? {
+                Verdict::Valid { key, .. } => Principal::Key(key),
+                // Not told apart for a credential: both are "not a key of ours".
+                Verdict::Denied { denial: Denial::Malformed | Denial::NotFound, .. } => {
+                    return Err(unauth(&Denial::NotFound.reason()));
                 }
-                Resolution::Key { key, .. } => match crate::verify::decide(&key, &[], None, Utc::now()) {
-                    Ok(()) => Principal::Key(key),
-                    Err(d) => {
-                        self.verifier.refused(&d);
-                        return Err(Error::Unauthenticated(format!("the API key is {}", d.code_name())));
-                    }
-                },
+                Verdict::Denied { denial, .. } => return Err(Error::Unauthenticated(denial.reason())),
             }
         } else {
             match self.tokens.find(token) {

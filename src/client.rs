@@ -25,6 +25,7 @@ mod layer;
 
 pub use layer::{RejectionBody, VerifyLayer, VerifyLayerBuilder, VerifyService};
 
+pub use crate::verify::Denial;
 use crate::{
     error::{Error, Result},
     model::Environment,
@@ -118,7 +119,10 @@ impl KeysClient {
         };
         let r = self.raw.clone().verify_key(req).await?.into_inner();
         if !r.valid {
-            return Ok(Verdict::Denied(Denial { code: r.code(), missing_scopes: r.missing_scopes }));
+            let denial = Denial::from_code(r.code(), r.missing_scopes).ok_or_else(|| {
+                Status::internal(format!("the keys service refused the key with an unknown code ({})", r.code))
+            })?;
+            return Ok(Verdict::Denied(denial));
         }
         // A test key read as a live one would be worse than no answer.
         let environment = proto::environment(r.environment).ok().flatten().ok_or_else(|| {
@@ -157,35 +161,21 @@ pub enum Verdict {
     Denied(Denial),
 }
 
-/// Why a key was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    pub code: pb::VerifyCode,
-    /// For `INSUFFICIENT_SCOPE`: the required scopes the key lacks.
-    pub missing_scopes: Vec<String>,
-}
-
+/// What the layer and [`Verdict::into_result`] answer a refused key with.
 impl Denial {
-    /// The status to answer the caller with: PERMISSION_DENIED when only scopes are
-    /// missing (the key is fine, the request is not), UNAUTHENTICATED otherwise.
+    /// PERMISSION_DENIED when only scopes are missing (the key is fine, the
+    /// request is not), UNAUTHENTICATED otherwise; the message is
+    /// [`Denial::reason`].
     pub fn to_status(&self) -> Status {
-        use pb::VerifyCode as C;
-        let what = match self.code {
-            C::InsufficientScope => {
-                return Status::permission_denied(format!(
-                    "the API key lacks the scope(s) this request needs: {}",
-                    self.missing_scopes.join(", ")
-                ));
-            }
-            C::Malformed => "malformed",
-            C::NotFound => "invalid",
-            C::Disabled => "disabled",
-            C::Revoked => "revoked",
-            C::Expired => "expired",
-            C::WrongOrganization => "for another organization",
-            C::Valid | C::Unspecified => "not usable",
-        };
-        Status::unauthenticated(format!("the API key is {what}"))
+        match self {
+            Denial::InsufficientScope(_) => Status::permission_denied(self.reason()),
+            Denial::Malformed
+            | Denial::NotFound
+            | Denial::Revoked
+            | Denial::Disabled
+            | Denial::Expired
+            | Denial::WrongOrganization => Status::unauthenticated(self.reason()),
+        }
     }
 }
 

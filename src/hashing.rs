@@ -220,7 +220,7 @@ impl Hasher {
         let pepper_id = self.inner.current_id.clone();
         let metrics = self.inner.metrics.clone();
         self.run(move |set| {
-            Metrics::inc(&metrics.argon2_hashes);
+            metrics.argon2_hashes.inc();
             set.current()
                 .hash_password(material.expose().as_bytes())
                 .map(|ph| StoredHash { phc: ph.to_string(), pepper_id })
@@ -234,7 +234,7 @@ impl Hasher {
     pub async fn verify(&self, material: SecretString, stored: StoredHash) -> Result<bool> {
         let metrics = self.inner.metrics.clone();
         self.run(move |set| {
-            Metrics::inc(&metrics.argon2_verifications);
+            metrics.argon2_verifications.inc();
             let a = set.for_id(&stored.pepper_id).ok_or_else(|| {
                 Error::internal(anyhow::anyhow!(
                     "no configured pepper has id {}: keep the old pepper in TAKUMO_PREVIOUS_PEPPERS",
@@ -271,7 +271,7 @@ impl Hasher {
             // The caller's future was dropped while this waited (deadline
             // passed, stream reset): nobody wants the answer.
             if tx.is_closed() {
-                Metrics::inc(&metrics.argon2_abandoned);
+                metrics.argon2_abandoned.inc();
                 depth.fetch_sub(1, Ordering::Relaxed);
             } else {
                 let result = job(set);
@@ -284,7 +284,7 @@ impl Hasher {
             self.inner.depth.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
                 mpsc::TrySendError::Full(_) => {
-                    Metrics::inc(&self.inner.metrics.argon2_rejected);
+                    self.inner.metrics.argon2_rejected.inc();
                     Error::ResourceExhausted(
                         "too many key verifications are waiting for hashing; retry with backoff".into(),
                     )
@@ -377,7 +377,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "queue did not drain");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        let (ran, skipped) = (Metrics::get(&metrics.argon2_hashes), Metrics::get(&metrics.argon2_abandoned));
+        let (ran, skipped) = (metrics.argon2_hashes.get(), metrics.argon2_abandoned.get());
         assert_eq!(ran + skipped, 64);
         // At most the jobs the workers had already picked up ran.
         assert!(ran <= 8, "{ran} abandoned hashes ran anyway");

@@ -11,27 +11,15 @@ use prometheus_client::{
 };
 use std::{sync::atomic::AtomicU64, time::Duration};
 
-/// Verify outcomes, indexed like `VerifyCode` (0 unused).
-pub const VERIFY_CODES: [&str; 9] = [
-    "unspecified",
-    "valid",
-    "malformed",
-    "not_found",
-    "disabled",
-    "revoked",
-    "expired",
-    "insufficient_scope",
-    "wrong_organization",
-];
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
     pub method: &'static str,
     pub code: &'static str,
 }
 
+/// The outcome of a verification, as `Denial::label` (or `valid`) spells it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
+pub struct CodeLabels {
     pub code: &'static str,
 }
 
@@ -44,12 +32,13 @@ pub struct Metrics {
     registry: Registry,
     pub rpc_requests: Family<RpcLabels, Counter>,
     pub rpc_latency: Family<RpcLabels, Histogram, fn() -> Histogram>,
-    pub verify_outcomes: [Counter; 9],
+    /// VerifyKey answers, by code: one family, one series per code seen.
+    pub verify_outcomes: Family<CodeLabels, Counter>,
     /// Presentations of a proven key that were refused (disabled, revoked,
     /// expired, insufficient scope, wrong organization), in VerifyKey or as
     /// the credential of a management call. They are not API calls: usage
     /// counts accepted calls only.
-    pub key_refusals: Family<RefusalLabels, Counter>,
+    pub key_refusals: Family<CodeLabels, Counter>,
     /// Presented key found in the verified-key cache and fresh.
     pub cache_hits: Counter,
     /// Cached but past the freshness bound: re-read from the store.
@@ -76,7 +65,8 @@ pub struct Metrics {
     pub usage_flush_batches: Counter,
     pub usage_flush_rows: Counter,
     pub usage_flush_failures: Counter,
-    /// Cache entries dropped by invalidations (one per notice or local change).
+    /// Keys whose cache entries were marked for a re-read by a change notice
+    /// or a local change (entries are marked, not dropped: see `cache.rs`).
     pub invalidations: Counter,
     /// Times every cached key was marked for a re-read (listener reconnects).
     pub cache_resets: Counter,
@@ -103,20 +93,14 @@ impl Default for Metrics {
             "Time to handle a gRPC request, by method and status code",
             rpc_latency.clone(),
         );
-        let key_refusals = Family::<RefusalLabels, Counter>::default();
+        let key_refusals = Family::<CodeLabels, Counter>::default();
         registry.register(
             "key_refusals",
             "Presentations of a proven key that were refused (not counted as API calls), by code",
             key_refusals.clone(),
         );
-        let verify_outcomes: [Counter; 9] = Default::default();
-        for (code, c) in VERIFY_CODES.iter().zip(&verify_outcomes).skip(1) {
-            registry.sub_registry_with_label(("code".into(), (*code).into())).register(
-                "verify_outcomes",
-                "VerifyKey answers, by code",
-                c.clone(),
-            );
-        }
+        let verify_outcomes = Family::<CodeLabels, Counter>::default();
+        registry.register("verify_outcomes", "VerifyKey answers, by code", verify_outcomes.clone());
         let m = Self {
             rpc_requests,
             rpc_latency,
@@ -169,7 +153,7 @@ impl Default for Metrics {
             ("usage_flush_batches", "Usage batches written", &m.usage_flush_batches),
             ("usage_flush_rows", "Usage rows (key x minute) written", &m.usage_flush_rows),
             ("usage_flush_failures", "Usage flushes that failed and were kept for retry", &m.usage_flush_failures),
-            ("cache_invalidations", "Cache entries dropped by change notices or local changes", &m.invalidations),
+            ("cache_invalidations", "Keys marked for a re-read by change notices or local changes", &m.invalidations),
             (
                 "cache_resets",
                 "Times every cached key was marked for a re-read after a gap in change notices",
@@ -208,21 +192,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn inc(counter: &Counter) {
-        counter.inc();
-    }
-
-    pub fn add(counter: &Counter, n: u64) {
-        counter.inc_by(n);
-    }
-
-    pub fn get(counter: &Counter) -> u64 {
-        counter.get()
-    }
-
     /// Counts one refused presentation of a proven key.
     pub fn refused(&self, code: &'static str) {
-        self.key_refusals.get_or_create(&RefusalLabels { code }).inc();
+        self.key_refusals.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// Counts one VerifyKey answer.
+    pub fn verify_outcome(&self, code: &'static str) {
+        self.verify_outcomes.get_or_create(&CodeLabels { code }).inc();
     }
 
     /// Counts one handled RPC and its latency.

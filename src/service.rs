@@ -6,8 +6,7 @@ use crate::{
     auth::{Authenticator, Caller, Principal, Rpc, authorize},
     error::{Error, Result},
     hashing::Hasher,
-    keys,
-    metrics::{self, Metrics},
+    keys, metrics,
     model::{ApiKey, AuditContext, AuditFilter, Environment, KeyStatus, ListFilter, NewKey},
     page_token,
     proto::{self, pb},
@@ -15,7 +14,7 @@ use crate::{
     secret::SecretString,
     store::{Store, truncate_micros},
     telemetry, validate,
-    verify::{Denial, Resolution, Verifier, decide},
+    verify::{Denial, Purpose, Verifier},
 };
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -199,7 +198,7 @@ impl KeysService {
         self.caller(&req, Rpc::VerifyKey).await?;
         let r = req.into_inner();
         scopes::validate(&r.required_scopes, "required_scopes")?;
-        let organization_id = match r.organization_id.as_deref() {
+        let organization = match r.organization_id.as_deref() {
             // Present but empty is a caller bug, not "any organization".
             Some("") => {
                 return Err(Error::invalid(
@@ -212,43 +211,13 @@ impl KeysService {
             }
             None => None,
         };
-        let deny = |code: pb::VerifyCode| {
-            Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
-            pb::VerifyKeyResponse { valid: false, code: code as i32, ..Default::default() }
-        };
-        let (key, stale) = match self.verifier.resolve(&r.key).await? {
-            Resolution::Malformed => return Ok(deny(pb::VerifyCode::Malformed)),
-            Resolution::NotFound => return Ok(deny(pb::VerifyCode::NotFound)),
-            Resolution::Key { key, stale } => (key, stale),
-        };
-        telemetry::record("organization_id", &key.organization_id);
-        telemetry::record("key_id", &key.id);
-        let decision = decide(&key, &r.required_scopes, organization_id, Utc::now());
-        match &decision {
-            Ok(()) => self.verifier.accepted(&key),
-            Err(d) => self.verifier.refused(d),
+        let verdict =
+            self.verifier.verify(&r.key, Purpose::VerifyKey { required: &r.required_scopes, organization }).await?;
+        if let Some(key) = verdict.key() {
+            telemetry::record("organization_id", &key.organization_id);
+            telemetry::record("key_id", &key.id);
         }
-        let (code, missing_scopes) = match decision {
-            Ok(()) => (pb::VerifyCode::Valid, vec![]),
-            Err(Denial::Revoked) => (pb::VerifyCode::Revoked, vec![]),
-            Err(Denial::Disabled) => (pb::VerifyCode::Disabled, vec![]),
-            Err(Denial::Expired) => (pb::VerifyCode::Expired, vec![]),
-            Err(Denial::WrongOrganization) => (pb::VerifyCode::WrongOrganization, vec![]),
-            Err(Denial::InsufficientScope(m)) => (pb::VerifyCode::InsufficientScope, m),
-        };
-        Metrics::inc(&self.verifier.metrics().verify_outcomes[code as usize]);
-        Ok(pb::VerifyKeyResponse {
-            valid: code == pb::VerifyCode::Valid,
-            code: code as i32,
-            key_id: key.id.clone(),
-            organization_id: key.organization_id.clone(),
-            name: key.name.clone(),
-            created_by: key.created_by.clone(),
-            scopes: key.scopes.clone(),
-            missing_scopes,
-            environment: pb::Environment::from(key.environment) as i32,
-            stale,
-        })
+        Ok(verdict.into())
     }
 
     async fn get_key_stats(&self, req: Request<pb::GetKeyStatsRequest>) -> Result<pb::KeyStats> {

@@ -114,12 +114,12 @@ impl Usage {
             .collect();
         match self.inner.store.record_usage(&batch).await {
             Ok(()) => {
-                Metrics::inc(&self.inner.metrics.usage_flush_batches);
-                Metrics::add(&self.inner.metrics.usage_flush_rows, batch.len() as u64);
+                self.inner.metrics.usage_flush_batches.inc();
+                self.inner.metrics.usage_flush_rows.inc_by(batch.len() as u64);
                 Ok(batch.len())
             }
             Err(e) => {
-                Metrics::inc(&self.inner.metrics.usage_flush_failures);
+                self.inner.metrics.usage_flush_failures.inc();
                 self.restore(taken);
                 Err(e)
             }

@@ -1,7 +1,8 @@
-//! The verification pipeline: shape and checksum, the verified-key cache,
-//! else one indexed lookup and one argon2 verify; then a pure decision. `VerifyKey` and the authentication of
-//! API-key callers both go through [`Verifier::resolve`], so a key that
-//! verifies is exactly a key that can call the API.
+//! The verification engine: shape and checksum, the verified-key cache,
+//! else one indexed lookup and one argon2 verify; then a pure decision.
+//! `VerifyKey` and the authentication of API-key callers both go through
+//! [`Verifier::verify`], so a key that verifies is exactly a key that can
+//! call the API, and both are counted in one place.
 
 use crate::{
     cache::{Entry, Fingerprint, VerifyCache},
@@ -10,6 +11,7 @@ use crate::{
     keys,
     metrics::Metrics,
     model::{ApiKey, KeyStatus, StoredHash},
+    proto::pb::VerifyCode,
     scopes,
     secret::SecretString,
     store::{ChangeSink, Store},
@@ -24,42 +26,145 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// What a presented key turned out to be.
-#[derive(Debug)]
-pub enum Resolution {
+/// Why a presented key does not pass, in the order the checks run. The one
+/// vocabulary of refusals: `VerifyKey` answers with [`Denial::code`], a
+/// management call's credential is refused with [`Denial::reason`], metrics
+/// count [`Denial::label`], and the Rust client hands the same type to its
+/// callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
     /// Not one of our keys: wrong shape or checksum. No I/O was done.
     Malformed,
     /// Well-formed, but no such key or a wrong secret; the two are not told apart.
     NotFound,
-    /// The secret was proven for this key (whatever its status). `stale`:
-    /// served from cache while the store could not confirm it (fail static).
-    Key { key: Arc<ApiKey>, stale: bool },
-}
-
-/// Why a resolved key does not pass, in the order they are checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Denial {
     Revoked,
     Disabled,
     Expired,
     WrongOrganization,
+    /// The required scopes the key lacks.
     InsufficientScope(Vec<String>),
 }
 
 impl Denial {
-    /// The metric label (as in `VerifyCode`, lower case).
-    pub fn code_name(&self) -> &'static str {
+    /// The wire code of this refusal.
+    pub fn code(&self) -> VerifyCode {
         match self {
-            Denial::Revoked => "revoked",
-            Denial::Disabled => "disabled",
-            Denial::Expired => "expired",
-            Denial::WrongOrganization => "wrong_organization",
-            Denial::InsufficientScope(_) => "insufficient_scope",
+            Denial::Malformed => VerifyCode::Malformed,
+            Denial::NotFound => VerifyCode::NotFound,
+            Denial::Revoked => VerifyCode::Revoked,
+            Denial::Disabled => VerifyCode::Disabled,
+            Denial::Expired => VerifyCode::Expired,
+            Denial::WrongOrganization => VerifyCode::WrongOrganization,
+            Denial::InsufficientScope(_) => VerifyCode::InsufficientScope,
+        }
+    }
+
+    /// The refusal a wire code and its missing scopes describe; `None` for
+    /// VALID and for codes this build does not know.
+    pub fn from_code(code: VerifyCode, missing_scopes: Vec<String>) -> Option<Denial> {
+        Some(match code {
+            VerifyCode::Valid | VerifyCode::Unspecified => return None,
+            VerifyCode::Malformed => Denial::Malformed,
+            VerifyCode::NotFound => Denial::NotFound,
+            VerifyCode::Revoked => Denial::Revoked,
+            VerifyCode::Disabled => Denial::Disabled,
+            VerifyCode::Expired => Denial::Expired,
+            VerifyCode::WrongOrganization => Denial::WrongOrganization,
+            VerifyCode::InsufficientScope => Denial::InsufficientScope(missing_scopes),
+        })
+    }
+
+    /// What to tell the holder of the key, safe to show: it names no secret
+    /// and does not tell an unknown key from a wrong secret.
+    pub fn reason(&self) -> String {
+        match self {
+            Denial::Malformed => "the API key is malformed".into(),
+            Denial::NotFound => "the API key is invalid".into(),
+            Denial::Revoked => "the API key is revoked".into(),
+            Denial::Disabled => "the API key is disabled".into(),
+            Denial::Expired => "the API key is expired".into(),
+            Denial::WrongOrganization => "the API key is for another organization".into(),
+            Denial::InsufficientScope(missing) => {
+                format!("the API key lacks the scope(s) this request needs: {}", missing.join(", "))
+            }
+        }
+    }
+
+    /// The metric label: the wire code's name in lower case.
+    pub fn label(&self) -> &'static str {
+        code_label(self.code())
+    }
+}
+
+/// A wire code's metric label (`valid`, `not_found`, …).
+pub fn code_label(code: VerifyCode) -> &'static str {
+    match code {
+        VerifyCode::Unspecified => "unspecified",
+        VerifyCode::Valid => "valid",
+        VerifyCode::Malformed => "malformed",
+        VerifyCode::NotFound => "not_found",
+        VerifyCode::Disabled => "disabled",
+        VerifyCode::Revoked => "revoked",
+        VerifyCode::Expired => "expired",
+        VerifyCode::InsufficientScope => "insufficient_scope",
+        VerifyCode::WrongOrganization => "wrong_organization",
+    }
+}
+
+/// What a verification asks, and so what it counts.
+#[derive(Debug, Clone, Copy)]
+pub enum Purpose<'a> {
+    /// A `VerifyKey` question: the key must hold `required` and belong to
+    /// `organization` when one is named. Counted as a VerifyKey outcome and,
+    /// when valid, as an API call of the key.
+    VerifyKey { required: &'a [String], organization: Option<&'a str> },
+    /// The credential of a management call: the key must be usable (active,
+    /// unexpired). The call counts as the key's API call only once it is
+    /// authorized ([`Verifier::accepted`]).
+    Credential,
+}
+
+/// The whole answer about one presented key. `stale`: served from cache
+/// while the store could not confirm it (fail static).
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Valid {
+        key: Arc<ApiKey>,
+        stale: bool,
+    },
+    /// `key`: the key the secret proved, whatever its status; `None` when
+    /// malformed or not found.
+    Denied {
+        denial: Denial,
+        key: Option<Arc<ApiKey>>,
+        stale: bool,
+    },
+}
+
+impl Verdict {
+    pub fn code(&self) -> VerifyCode {
+        match self {
+            Verdict::Valid { .. } => VerifyCode::Valid,
+            Verdict::Denied { denial, .. } => denial.code(),
+        }
+    }
+
+    /// The key the presented secret proved, whether or not it passed.
+    pub fn key(&self) -> Option<&Arc<ApiKey>> {
+        match self {
+            Verdict::Valid { key, .. } => Some(key),
+            Verdict::Denied { key, .. } => key.as_ref(),
         }
     }
 }
 
-/// The decision for a resolved key: status, expiry, organization, scopes.
+/// What the lookup found, before any decision.
+enum Lookup {
+    Denied(Denial),
+    Key { key: Arc<ApiKey>, stale: bool },
+}
+
+/// The decision for a found key: status, expiry, organization, scopes.
 pub fn decide(
     key: &ApiKey,
     required: &[String],
@@ -164,53 +269,82 @@ impl Verifier {
         r
     }
 
-    /// Resolves a presented key to the stored key it proves. Store trouble is
-    /// an error, never a "not found". Counts nothing as an API call: the
-    /// caller does that with [`Self::accepted`] once the call is accepted.
+    /// The one verification entry: finds the key `presented` proves, decides
+    /// it for `purpose`, and counts the outcome (see [`Purpose`]). Store
+    /// trouble is an error, never a denial.
     ///
     /// Warm path (cached, fresh): parse, one HMAC, one cache read, no I/O.
-    pub async fn resolve(&self, presented: &str) -> Result<Resolution> {
+    pub async fn verify(&self, presented: &str, purpose: Purpose<'_>) -> Result<Verdict> {
+        let verdict = match self.lookup(presented).await? {
+            Lookup::Denied(denial) => Verdict::Denied { denial, key: None, stale: false },
+            Lookup::Key { key, stale } => {
+                let (required, organization): (&[String], _) = match purpose {
+                    Purpose::VerifyKey { required, organization } => (required, organization),
+                    Purpose::Credential => (&[], None),
+                };
+                match decide(&key, required, organization, Utc::now()) {
+                    Ok(()) => {
+                        if let Purpose::VerifyKey { .. } = purpose {
+                            self.accepted(&key);
+                        }
+                        Verdict::Valid { key, stale }
+                    }
+                    Err(denial) => {
+                        self.metrics.refused(denial.label());
+                        Verdict::Denied { denial, key: Some(key), stale }
+                    }
+                }
+            }
+        };
+        if let Purpose::VerifyKey { .. } = purpose {
+            self.metrics.verify_outcome(code_label(verdict.code()));
+        }
+        Ok(verdict)
+    }
+
+    /// Finds the stored key a presented key proves (whatever its status).
+    async fn lookup(&self, presented: &str) -> Result<Lookup> {
         let Some(parsed) = keys::parse(presented) else {
-            return Ok(Resolution::Malformed);
+            return Ok(Lookup::Denied(Denial::Malformed));
         };
         let fp = self.cache.fingerprint(presented);
         if let Some(entry) = self.cache.get(&fp) {
             let (key, stale) = if self.cache.needs_refresh(&entry) {
                 match self.refresh(fp, entry).await? {
                     Some(found) => found,
-                    None => return Ok(Resolution::NotFound),
+                    None => return Ok(Lookup::Denied(Denial::NotFound)),
                 }
             } else {
-                Metrics::inc(&self.metrics.cache_hits);
+                self.metrics.cache_hits.inc();
                 (entry.key, false)
             };
-            return Ok(Resolution::Key { key, stale });
+            return Ok(Lookup::Key { key, stale });
         }
         if self.cache.is_negative(&fp) {
-            Metrics::inc(&self.metrics.negative_hits);
-            return Ok(Resolution::NotFound);
+            self.metrics.negative_hits.inc();
+            return Ok(Lookup::Denied(Denial::NotFound));
         }
         // One miss per presented key at a time: concurrent first sights wait
         // for the first one's answer instead of each running argon2.
         let gate = self.inflight.get_with(fp, || Arc::new(tokio::sync::Mutex::new(())));
         let _turn = gate.lock().await;
         if let Some(entry) = self.cache.get(&fp).filter(|e| !self.cache.needs_refresh(e)) {
-            Metrics::inc(&self.metrics.cache_hits);
-            return Ok(Resolution::Key { key: entry.key, stale: false });
+            self.metrics.cache_hits.inc();
+            return Ok(Lookup::Key { key: entry.key, stale: false });
         }
         if self.cache.is_negative(&fp) {
-            Metrics::inc(&self.metrics.negative_hits);
-            return Ok(Resolution::NotFound);
+            self.metrics.negative_hits.inc();
+            return Ok(Lookup::Denied(Denial::NotFound));
         }
-        Metrics::inc(&self.metrics.cache_misses);
+        self.metrics.cache_misses.inc();
         let epoch = self.cache.epoch(parsed.id);
         let record = match self.cache.record(parsed.id) {
             Some(record) => {
-                Metrics::inc(&self.metrics.id_cache_hits);
+                self.metrics.id_cache_hits.inc();
                 record
             }
             None => {
-                Metrics::inc(&self.metrics.store_key_reads);
+                self.metrics.store_key_reads.inc();
                 let record = self.store_call(self.store.get_key_with_hash(parsed.id)).await?.map(Arc::new);
                 self.cache.insert_record(parsed.id, record.clone(), epoch);
                 record
@@ -218,7 +352,7 @@ impl Verifier {
         };
         let Some(record) = record else {
             self.cache.insert_negative(fp);
-            return Ok(Resolution::NotFound);
+            return Ok(Lookup::Denied(Denial::NotFound));
         };
         let (key, stored) = &*record;
         // A key of the wrong environment with the right secret cannot exist,
@@ -227,14 +361,14 @@ impl Verifier {
             || !self.hasher.verify(SecretString::new(presented), stored.clone()).await?
         {
             self.cache.insert_negative(fp);
-            return Ok(Resolution::NotFound);
+            return Ok(Lookup::Denied(Denial::NotFound));
         }
         if self.hasher.needs_rehash(stored) {
             self.rehash(&key.id, SecretString::new(presented), stored.clone());
         }
         let key = Arc::new(key.clone());
         self.cache.insert(fp, key.clone(), epoch);
-        Ok(Resolution::Key { key, stale: false })
+        Ok(Lookup::Key { key, stale: false })
     }
 
     /// Rehashes a just-verified key whose stored hash has other parameters or
@@ -252,7 +386,7 @@ impl Verifier {
             };
             match replaced {
                 Ok(true) => {
-                    Metrics::inc(&metrics.argon2_rehashes);
+                    metrics.argon2_rehashes.inc();
                     cache.forget_record(&id);
                 }
                 Ok(false) => {}
@@ -265,10 +399,10 @@ impl Verifier {
     /// this exact string). If the store cannot answer, the entry is served
     /// while younger than the stale window: verifications fail static.
     async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<(Arc<ApiKey>, bool)>> {
-        Metrics::inc(&self.metrics.cache_refreshes);
+        self.metrics.cache_refreshes.inc();
         let epoch = self.cache.epoch(&entry.key.id);
         if !self.breaker.open() {
-            Metrics::inc(&self.metrics.store_key_reads);
+            self.metrics.store_key_reads.inc();
         }
         match self.store_call(self.store.get_key(&entry.key.id)).await {
             Ok(Some(k)) => {
@@ -285,7 +419,7 @@ impl Verifier {
             Err(Error::Unavailable { .. })
                 if !entry.changed && entry.fetched_at.elapsed() <= self.cache.settings().stale_window =>
             {
-                Metrics::inc(&self.metrics.cache_stale_served);
+                self.metrics.cache_stale_served.inc();
                 Ok(Some((entry.key, true)))
             }
             Err(Error::Unavailable { source, .. }) => Err(Error::Unavailable {
@@ -306,14 +440,15 @@ impl Verifier {
         self.usage.record(key, Utc::now());
     }
 
-    /// Counts a refused presentation of a proven key, by reason.
+    /// Counts a refused presentation of a proven key, by reason: for a
+    /// credential that verified but was not authorized for the RPC.
     pub fn refused(&self, denial: &Denial) {
-        self.metrics.refused(denial.code_name());
+        self.metrics.refused(denial.label());
     }
 
     /// Drops what this process cached about key `id` (after a local change).
     pub fn invalidate(&self, id: &str) {
-        Metrics::inc(&self.metrics.invalidations);
+        self.metrics.invalidations.inc();
         self.cache.invalidate(id);
     }
 
@@ -331,7 +466,7 @@ impl ChangeSink for Verifier {
     /// breaker, so cached keys are re-read now instead of failing fast for the
     /// rest of its interval, and mark every entry for that re-read.
     fn resync(&self) {
-        Metrics::inc(&self.metrics.cache_resets);
+        self.metrics.cache_resets.inc();
         self.breaker.answered();
         self.cache.mark_all_for_reread();
         self.metrics.change_notices_flowing.set(1);

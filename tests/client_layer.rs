@@ -11,7 +11,7 @@ use axum::{Extension, Router, body::Body as AxumBody, routing::get};
 use common::{Backend, SERVICE_TOKEN, TestApp, as_service};
 use std::time::{Duration, Instant};
 use takumo_keys::{
-    client::{KeysClient, Verdict, VerifiedKey, VerifyLayer},
+    client::{Denial, KeysClient, Verdict, VerifiedKey, VerifyLayer},
     model::Environment,
     proto::pb::{self, create_key_request::Scopes},
     secret::SecretString,
@@ -103,7 +103,10 @@ async fn keys_client_tells_valid_keys_from_denials_and_signs_raw_calls_with_the_
     let Verdict::Denied(d) = keys.verify(&secret, &["fleet.read", "audit.export"]).await.unwrap() else {
         panic!("a missing scope verified")
     };
-    assert_eq!((d.code, d.missing_scopes.clone()), (pb::VerifyCode::InsufficientScope, vec!["audit.export".into()]));
+    assert_eq!(
+        (d.code(), &d),
+        (pb::VerifyCode::InsufficientScope, &Denial::InsufficientScope(vec!["audit.export".into()]))
+    );
     assert_eq!(d.to_status().code(), Code::PermissionDenied);
     let garbage = keys.verify(GARBAGE, &[] as &[&str]).await.unwrap();
     assert_eq!(garbage.into_result().unwrap_err().code(), Code::Unauthenticated);

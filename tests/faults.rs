@@ -12,7 +12,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use takumo_keys::{metrics::Metrics, proto::pb};
+use takumo_keys::proto::pb;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -122,8 +122,8 @@ async fn database_outage_fails_static_for_cached_keys_and_recovers_without_resta
         }
     })
     .await;
-    assert!(Metrics::get(&app.metrics.cache_stale_served) > 0);
-    assert!(Metrics::get(&app.metrics.usage_flush_failures) > 0, "usage was held, not written");
+    assert!(app.metrics.cache_stale_served.get() > 0);
+    assert!(app.metrics.usage_flush_failures.get() > 0, "usage was held, not written");
 
     // The database returns: no restart of the service.
     pg.restart();

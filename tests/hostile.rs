@@ -103,14 +103,14 @@ async fn hostile_requests_get_the_right_status_and_change_nothing(b: Backend) {
     const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut random = |n: usize| -> String { (0..n).map(|_| BASE62[rng.random_range(0..62)] as char).collect() };
     let legit_id = legit[8..24].to_string();
-    let reads = takumo_keys::metrics::Metrics::get(&app.metrics.store_key_reads);
+    let reads = app.metrics.store_key_reads.get();
     for i in 0..50 {
         let id = if i % 2 == 0 { random(16) } else { legit_id.clone() };
         let key = takumo_keys::keys::compose(takumo_keys::model::Environment::Live, &id, &random(32));
         let r = c.verify_key(as_service(pb::VerifyKeyRequest { key: key.into_exposed(), ..Default::default() }, "a"));
         assert_eq!(r.await.unwrap().into_inner().code(), pb::VerifyCode::NotFound);
     }
-    let looked_up = takumo_keys::metrics::Metrics::get(&app.metrics.store_key_reads) - reads;
+    let looked_up = app.metrics.store_key_reads.get() - reads;
     assert!(looked_up >= 25, "the well-formed keys reached the store lookup ({looked_up} reads)");
     // Hostile strings where ids and tokens go.
     for id in ["", "'; DELETE FROM api_keys; --", "\u{202e}evil", &"9".repeat(10_000)] {

@@ -10,10 +10,7 @@ mod common;
 use common::{Backend, TestApp, TestDb, as_service, with_bearer};
 use prost_types::Timestamp;
 use std::sync::Arc;
-use takumo_keys::{
-    metrics::Metrics,
-    proto::pb::{self, create_key_request::Scopes},
-};
+use takumo_keys::proto::pb::{self, create_key_request::Scopes};
 use tonic::Code;
 
 type Client = common::Client;
@@ -302,7 +299,7 @@ async fn a_create_the_plan_refuses_costs_no_hash(b: Backend) {
     for _ in 0..3 {
         service_key(&mut c, custom(&["fleet.read"]), pb::Environment::Live, None).await;
     }
-    let hashes = Metrics::get(&app.metrics.argon2_hashes);
+    let hashes = app.metrics.argon2_hashes.get();
     assert_eq!(hashes, 3);
     let create = pb::CreateKeyRequest {
         organization_id: "acme".into(),
@@ -312,7 +309,7 @@ async fn a_create_the_plan_refuses_costs_no_hash(b: Backend) {
     };
     let e = c.create_key(as_service(create, "alice")).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
-    assert_eq!(Metrics::get(&app.metrics.argon2_hashes), hashes, "the refused create ran argon2");
+    assert_eq!(app.metrics.argon2_hashes.get(), hashes, "the refused create ran argon2");
 }
 
 async fn only_accepted_calls_count_as_api_calls(b: Backend) {
@@ -498,7 +495,7 @@ async fn a_rotated_pepper_keeps_old_keys_verifying_and_rehashes_them() {
     .await;
     assert!(rotated.client.clone().verify_key(as_service(verify_req(&key), "gw")).await.unwrap().into_inner().valid);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while Metrics::get(&rotated.metrics.argon2_rehashes) == 0 {
+    while rotated.metrics.argon2_rehashes.get() == 0 {
         assert!(std::time::Instant::now() < deadline, "not rehashed");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

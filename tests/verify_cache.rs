@@ -10,7 +10,6 @@ use std::{
 };
 use takumo_keys::{
     keys,
-    metrics::Metrics,
     model::Environment,
     proto::pb::{self, create_key_request::Scopes},
 };
@@ -54,14 +53,14 @@ async fn warm_verifications_read_nothing_from_the_store(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (_, secret) = create(&app, "acme", None).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
-    let reads = Metrics::get(&app.metrics.store_key_reads);
-    let hashes = Metrics::get(&app.metrics.argon2_verifications);
+    let reads = app.metrics.store_key_reads.get();
+    let hashes = app.metrics.argon2_verifications.get();
     for _ in 0..100 {
         assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
     }
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), reads);
-    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), hashes);
-    assert!(Metrics::get(&app.metrics.cache_hits) >= 100);
+    assert_eq!(app.metrics.store_key_reads.get(), reads);
+    assert_eq!(app.metrics.argon2_verifications.get(), hashes);
+    assert!(app.metrics.cache_hits.get() >= 100);
     // Each cached verification still counts as a call.
     app.usage.flush().await.unwrap();
     let stats = app.store.key_stats("acme", chrono::Utc::now()).await.unwrap();
@@ -78,9 +77,9 @@ async fn repeated_bad_keys_cost_no_database_or_argon2_work(b: Backend) {
         assert_eq!(verify(&app, unknown.full.expose()).await, pb::VerifyCode::NotFound);
         assert_eq!(verify(&app, "tk_live_garbage").await, pb::VerifyCode::Malformed);
     }
-    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1, "one argon2 for the wrong secret");
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 2, "one lookup per distinct key");
-    assert_eq!(Metrics::get(&app.metrics.negative_hits), 4);
+    assert_eq!(app.metrics.argon2_verifications.get(), 1, "one argon2 for the wrong secret");
+    assert_eq!(app.metrics.store_key_reads.get(), 2, "one lookup per distinct key");
+    assert_eq!(app.metrics.negative_hits.get(), 4);
 }
 
 async fn concurrent_first_sights_of_a_key_share_one_argon2_verification(b: Backend) {
@@ -102,8 +101,8 @@ async fn concurrent_first_sights_of_a_key_share_one_argon2_verification(b: Backe
     for t in tasks {
         assert_eq!(t.await.unwrap(), pb::VerifyCode::Valid);
     }
-    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1);
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 1);
+    assert_eq!(app.metrics.argon2_verifications.get(), 1);
+    assert_eq!(app.metrics.store_key_reads.get(), 1);
 }
 
 async fn local_changes_take_effect_at_once(b: Backend) {
@@ -121,7 +120,7 @@ async fn local_changes_take_effect_at_once(b: Backend) {
     c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Revoked);
     // A change re-reads the record; the secret, proven once, is not hashed again.
-    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1);
+    assert_eq!(app.metrics.argon2_verifications.get(), 1);
     c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::NotFound);
 }
@@ -132,9 +131,9 @@ async fn expired_keys_are_refused_from_cache(b: Backend) {
     let ts = prost_types::Timestamp { seconds: soon.timestamp(), nanos: soon.timestamp_subsec_nanos() as i32 };
     let (_, secret) = create(&app, "acme", Some(ts)).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
-    let reads = Metrics::get(&app.metrics.store_key_reads);
+    let reads = app.metrics.store_key_reads.get();
     eventually(&app, &secret, pb::VerifyCode::Expired).await;
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), reads, "expiry is checked on the cached entry");
+    assert_eq!(app.metrics.store_key_reads.get(), reads, "expiry is checked on the cached entry");
 }
 
 async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
@@ -161,7 +160,7 @@ async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
     eventually(&b, &secret, pb::VerifyCode::Revoked).await;
     c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
     eventually(&b, &secret, pb::VerifyCode::NotFound).await;
-    assert!(Metrics::get(&b.metrics.invalidations) >= 4);
+    assert!(b.metrics.invalidations.get() >= 4);
 }
 
 async fn a_change_missed_while_the_listener_was_cut_is_not_trusted() {
@@ -230,15 +229,15 @@ async fn wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_change
     for n in 0..5 {
         assert_eq!(verify(&app, &wrong_secret(&key.id, n)).await, pb::VerifyCode::NotFound);
     }
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 1, "one read for five wrong secrets");
-    assert_eq!(Metrics::get(&app.metrics.id_cache_hits), 4);
-    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 5, "each refuted with one hash");
+    assert_eq!(app.metrics.store_key_reads.get(), 1, "one read for five wrong secrets");
+    assert_eq!(app.metrics.id_cache_hits.get(), 4);
+    assert_eq!(app.metrics.argon2_verifications.get(), 5, "each refuted with one hash");
 
     // A change voids the id's record: the first sight of the real secret
     // afterwards sees the change, not the record read before it.
     disable(&app, &key.id).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), 2);
+    assert_eq!(app.metrics.store_key_reads.get(), 2);
 }
 
 async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b: Backend) {
@@ -268,7 +267,7 @@ async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b
 
     assert_eq!(verify(&app, secret.expose()).await, pb::VerifyCode::Valid);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Metrics::get(&app.metrics.argon2_rehashes) == 0 {
+    while app.metrics.argon2_rehashes.get() == 0 {
         assert!(Instant::now() < deadline, "not rehashed within 5 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -281,8 +280,8 @@ async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b
     assert_eq!(verify(&fresh, secret.expose()).await, pb::VerifyCode::Valid);
     assert_eq!(verify(&app, secret.expose()).await, pb::VerifyCode::Valid);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(Metrics::get(&fresh.metrics.argon2_rehashes), 0);
-    assert_eq!(Metrics::get(&app.metrics.argon2_rehashes), 1, "rehashed once");
+    assert_eq!(fresh.metrics.argon2_rehashes.get(), 0);
+    assert_eq!(app.metrics.argon2_rehashes.get(), 1, "rehashed once");
 }
 
 /// A record another replica changed is not trusted from this one's id cache.
@@ -291,10 +290,10 @@ async fn a_change_on_another_replica_voids_the_id_cache() {
     let (key, secret) = create(&a, "acme", None).await;
     // b reads the key's record while refuting a wrong secret.
     assert_eq!(verify(&b, &wrong_secret(&key.id, 1)).await, pb::VerifyCode::NotFound);
-    let invalidations = Metrics::get(&b.metrics.invalidations);
+    let invalidations = b.metrics.invalidations.get();
     disable(&a, &key.id).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Metrics::get(&b.metrics.invalidations) == invalidations {
+    while b.metrics.invalidations.get() == invalidations {
         assert!(Instant::now() < deadline, "the notice did not reach b within 5 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -412,11 +411,11 @@ async fn a_cached_key_is_re_read_once_older_than_the_freshness_bound() {
     let (_, secret) = create(&app, "acme", None).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
-    let reads = Metrics::get(&app.metrics.store_key_reads);
-    assert_eq!(Metrics::get(&app.metrics.cache_refreshes), 0, "fresh: answered from the cache");
+    let reads = app.metrics.store_key_reads.get();
+    assert_eq!(app.metrics.cache_refreshes.get(), 0, "fresh: answered from the cache");
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
-    assert_eq!(Metrics::get(&app.metrics.cache_refreshes), 1, "older than 50 ms: re-read");
-    assert_eq!(Metrics::get(&app.metrics.store_key_reads), reads + 1);
-    assert_eq!(Metrics::get(&app.metrics.argon2_verifications), 1, "a re-read needs no argon2");
+    assert_eq!(app.metrics.cache_refreshes.get(), 1, "older than 50 ms: re-read");
+    assert_eq!(app.metrics.store_key_reads.get(), reads + 1);
+    assert_eq!(app.metrics.argon2_verifications.get(), 1, "a re-read needs no argon2");
 }

@@ -6,7 +6,7 @@
 //! gRPC error for gRPC requests and as 401/403/503 for plain HTTP. Nothing in the request path
 //! panics: every failure becomes a response.
 
-use super::{KeysClient, Verdict, VerifiedKey};
+use super::{Denial, KeysClient, Verdict, VerifiedKey};
 use crate::{error::Result, keys, scopes};
 use futures::future::BoxFuture;
 use hmac::{Hmac, KeyInit, Mac};
@@ -223,7 +223,7 @@ fn bearer_key(headers: &http::HeaderMap) -> Result<String, Status> {
     }
     // Checksummed keys let garbage be refused without a round trip.
     if keys::parse(token).is_none() {
-        return Err(Status::unauthenticated("the API key is malformed"));
+        return Err(Denial::Malformed.to_status());
     }
     Ok(token.to_owned())
 }

@@ -210,7 +210,7 @@ impl TestApp {
         // verifications and their store-read counts.
         if db.url.starts_with("postgres") {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while Metrics::get(&metrics.cache_resets) == 0 {
+            while metrics.cache_resets.get() == 0 {
                 assert!(std::time::Instant::now() < deadline, "change listener did not connect in 10 s");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
