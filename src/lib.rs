@@ -15,8 +15,8 @@
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 //! - [`client`] (feature `client`): a typed client and the tower layer internal services use to verify keys.
 
-pub mod auth;
-pub mod cache;
+mod auth;
+mod cache;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod config;
@@ -34,7 +34,7 @@ pub mod service;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
-pub mod tls;
+mod tls;
 pub mod usage;
 pub mod validate;
 pub mod verify;

@@ -406,7 +406,7 @@ impl KeysService {
     /// place), and records the outcome on the RPC's span and in the metrics.
     async fn respond<T>(
         &self,
-        method: &'static str,
+        rpc: Rpc,
         body: impl std::future::Future<Output = Result<T>>,
     ) -> std::result::Result<Response<T>, Status> {
         let start = std::time::Instant::now();
@@ -415,7 +415,7 @@ impl KeysService {
         let span = tracing::Span::current();
         span.record("code", metrics::code_name(code));
         span.record("rpc.grpc.status_code", code as i32);
-        self.verifier.metrics().observe_rpc(method, code, start.elapsed());
+        self.verifier.metrics().observe_rpc(rpc.name(), code, start.elapsed());
         result
     }
 }
@@ -423,49 +423,49 @@ impl KeysService {
 #[tonic::async_trait]
 impl ApiKeyService for KeysService {
     async fn create_key(&self, r: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        self.respond("CreateKey", KeysService::create_key(self, r)).await
+        self.respond(Rpc::CreateKey, KeysService::create_key(self, r)).await
     }
     async fn get_key(&self, r: Request<pb::GetKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        self.respond("GetKey", KeysService::get_key(self, r)).await
+        self.respond(Rpc::GetKey, KeysService::get_key(self, r)).await
     }
     async fn list_keys(&self, r: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
-        self.respond("ListKeys", KeysService::list_keys(self, r)).await
+        self.respond(Rpc::ListKeys, KeysService::list_keys(self, r)).await
     }
     async fn set_key_status(&self, r: Request<pb::SetKeyStatusRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        self.respond("SetKeyStatus", KeysService::set_key_status(self, r)).await
+        self.respond(Rpc::SetKeyStatus, KeysService::set_key_status(self, r)).await
     }
     async fn revoke_key(&self, r: Request<pb::RevokeKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
-        self.respond("RevokeKey", KeysService::revoke_key(self, r)).await
+        self.respond(Rpc::RevokeKey, KeysService::revoke_key(self, r)).await
     }
     async fn delete_key(&self, r: Request<pb::DeleteKeyRequest>) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        self.respond("DeleteKey", KeysService::delete_key(self, r)).await
+        self.respond(Rpc::DeleteKey, KeysService::delete_key(self, r)).await
     }
     async fn verify_key(&self, r: Request<pb::VerifyKeyRequest>) -> Result<Response<pb::VerifyKeyResponse>, Status> {
-        self.respond("VerifyKey", KeysService::verify_key(self, r)).await
+        self.respond(Rpc::VerifyKey, KeysService::verify_key(self, r)).await
     }
     async fn get_key_stats(&self, r: Request<pb::GetKeyStatsRequest>) -> Result<Response<pb::KeyStats>, Status> {
-        self.respond("GetKeyStats", KeysService::get_key_stats(self, r)).await
+        self.respond(Rpc::GetKeyStats, KeysService::get_key_stats(self, r)).await
     }
     async fn list_scopes(&self, r: Request<pb::ListScopesRequest>) -> Result<Response<pb::ListScopesResponse>, Status> {
-        self.respond("ListScopes", KeysService::list_scopes(self, r)).await
+        self.respond(Rpc::ListScopes, KeysService::list_scopes(self, r)).await
     }
     async fn set_organization_plan(
         &self,
         r: Request<pb::SetOrganizationPlanRequest>,
     ) -> Result<Response<pb::Organization>, Status> {
-        self.respond("SetOrganizationPlan", KeysService::set_organization_plan(self, r)).await
+        self.respond(Rpc::SetOrganizationPlan, KeysService::set_organization_plan(self, r)).await
     }
     async fn list_audit_events(
         &self,
         r: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        self.respond("ListAuditEvents", KeysService::list_audit_events(self, r)).await
+        self.respond(Rpc::ListAuditEvents, KeysService::list_audit_events(self, r)).await
     }
     type ExportAuditEventsStream = AuditStream;
     async fn export_audit_events(
         &self,
         r: Request<pb::ExportAuditEventsRequest>,
     ) -> Result<Response<AuditStream>, Status> {
-        self.respond("ExportAuditEvents", KeysService::export_audit_events(self, r)).await
+        self.respond(Rpc::ExportAuditEvents, KeysService::export_audit_events(self, r)).await
     }
 }

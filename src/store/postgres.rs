@@ -50,10 +50,6 @@ impl PostgresStore {
         MIGRATOR.run(&pool).await.map_err(Error::internal)?;
         Ok(Self { pool })
     }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 fn key_from_row(row: &PgRow) -> Result<ApiKey> {

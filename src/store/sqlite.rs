@@ -16,7 +16,7 @@ use sqlx::{
     Row, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
 };
-use std::{path::PathBuf, str::FromStr, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -32,7 +32,6 @@ macro_rules! key_columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    path: PathBuf,
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -85,12 +84,7 @@ impl SqliteStore {
                 Err(e) => return Err(Error::internal(e)),
             }
         }
-        Ok(Self { pool, path })
-    }
-
-    /// The database file, so the embedded pepper can live beside it.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
+        Ok(Self { pool })
     }
 }
 
