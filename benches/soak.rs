@@ -58,8 +58,8 @@ use std::{
     time::{Duration, Instant},
 };
 use takumo_keys::{
-    keys,
-    model::Environment,
+    domain::keys,
+    domain::model::Environment,
     proto::pb::{
         self, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, GetKeyStatsRequest, KeyStatus, ListKeysRequest, Plan,
         RevokeKeyRequest, SetKeyStatusRequest, SetOrganizationPlanRequest, VerifyCode, VerifyKeyRequest,

@@ -20,7 +20,7 @@ use std::{
 };
 use takumo_keys::{
     client::{KeysClient, VerifiedKey, VerifyLayer, VerifyLayerBuilder},
-    secret::SecretString,
+    domain::secret::SecretString,
 };
 use tokio::net::TcpListener;
 use tonic::{

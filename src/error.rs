@@ -3,7 +3,7 @@
 //! Variants are what a caller can act on; everything else is `Internal`, whose
 //! cause chain is logged here and never sent to the caller.
 
-use crate::model::Plan;
+use crate::domain::model::Plan;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -75,7 +75,7 @@ impl From<Error> for tonic::Status {
         use tonic::{Code, Status};
         // Messages may quote caller input: whatever field a key was pasted
         // into, no more than its public prefix leaves here.
-        let status = |code: Code, m: &str| Status::new(code, crate::keys::redact_keys(m));
+        let status = |code: Code, m: &str| Status::new(code, crate::domain::keys::redact_keys(m));
         match err {
             Error::InvalidArgument(m) => status(Code::InvalidArgument, &m),
             Error::NotFound(m) => status(Code::NotFound, &m),

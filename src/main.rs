@@ -1,10 +1,13 @@
 use clap::Parser;
 use std::process::ExitCode;
 use takumo_keys::{
-    config::{Cli, Command, LogFormat},
     error::error_chain,
-    startup::{self, Application},
-    telemetry,
+    server::{
+        commands,
+        config::{Cli, Command, LogFormat},
+        startup::{self, Application},
+        telemetry,
+    },
 };
 
 /// mimalloc instead of glibc's malloc: the warm path allocates on one
@@ -32,7 +35,7 @@ async fn run() -> ExitCode {
     let result = match cli.command {
         Some(Command::Bootstrap(args)) => {
             let _logs = telemetry::init(LogFormat::Text);
-            startup::bootstrap(&args).await.map(|(key, secret)| {
+            commands::bootstrap(&args).await.map(|(key, secret)| {
                 eprintln!(
                     "created key {} ({}) in organization {}: it is shown once, store it now",
                     key.id, key.prefix, key.organization_id
@@ -40,12 +43,10 @@ async fn run() -> ExitCode {
                 println!("{}", secret.expose());
             })
         }
-        Some(Command::Health(args)) => startup::health_check(&args).await,
+        Some(Command::Health(args)) => commands::health_check(&args).await,
         Some(Command::Migrate(args)) => {
             let _logs = telemetry::init(LogFormat::Text);
-            takumo_keys::store::connect(args.database_url.expose(), &Default::default())
-                .await
-                .map(|store| tracing::info!(backend = store.backend(), "schema is up to date"))
+            commands::migrate(&args).await
         }
         command => {
             let args = match command {

@@ -1,10 +1,9 @@
 //! Generated gRPC types and the conversions between them and domain types.
 
 use crate::{
+    domain::model::{self, ApiKey, AuditAction, AuditEvent, Environment, KeyStatus, Plan},
+    domain::scopes::Preset,
     error::{Error, Result},
-    model::{self, ApiKey, AuditAction, AuditEvent, Environment, KeyStatus, Plan},
-    scopes::Preset,
-    verify::{Denial, Verdict},
 };
 use chrono::{DateTime, Utc};
 
@@ -144,36 +143,6 @@ impl From<ApiKey> for pb::ApiKey {
 
 pub fn organization(o: model::Organization) -> pb::Organization {
     pb::Organization { id: o.id, plan: pb::Plan::from(o.plan) as i32, key_limit: o.plan.key_limit().unwrap_or(0) }
-}
-
-/// A verdict as `VerifyKey` answers it: the key's identity whenever the
-/// secret was proven (so a caller can say which key was refused), nothing
-/// for a malformed or unknown key.
-impl From<Verdict> for pb::VerifyKeyResponse {
-    fn from(v: Verdict) -> Self {
-        let code = v.code();
-        let mut r =
-            pb::VerifyKeyResponse { valid: code == pb::VerifyCode::Valid, code: code as i32, ..Default::default() };
-        let (key, stale) = match v {
-            Verdict::Valid { key, stale } => (Some(key), stale),
-            Verdict::Denied { denial, key, stale } => {
-                if let Denial::InsufficientScope(missing) = denial {
-                    r.missing_scopes = missing;
-                }
-                (key, stale)
-            }
-        };
-        r.stale = stale;
-        if let Some(key) = key {
-            r.key_id = key.id.clone();
-            r.organization_id = key.organization_id.clone();
-            r.name = key.name.clone();
-            r.created_by = key.created_by.clone();
-            r.scopes = key.scopes.clone();
-            r.environment = pb::Environment::from(key.environment) as i32;
-        }
-        r
-    }
 }
 
 impl From<AuditAction> for pb::AuditAction {

@@ -6,13 +6,13 @@ mod common;
 use common::{Backend, PEPPER, SERVICE_TOKEN, TestApp, as_service, with_bearer};
 use prost::Message;
 use takumo_keys::{
-    hashing::{HashParams, Hasher},
-    keys,
-    model::Environment,
+    api::issue::{KeySpec, issue_key},
+    domain::keys,
+    domain::model::Environment,
+    domain::scopes::{self, Preset},
+    domain::secret::SecretString,
     proto::pb::{self, create_key_request::Scopes},
-    scopes::{self, Preset},
-    secret::SecretString,
-    service::{KeySpec, issue_key},
+    verify::hashing::{HashParams, Hasher},
 };
 use tonic::Code;
 
@@ -476,7 +476,7 @@ async fn expired_key_verifies_as_expired(b: Backend) {
             environment: Environment::Live,
             expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
         },
-        &takumo_keys::model::AuditContext::operator("alice"),
+        &takumo_keys::domain::model::AuditContext::operator("alice"),
     )
     .await
     .unwrap();

@@ -12,9 +12,9 @@ use common::{Backend, SERVICE_TOKEN, TestApp, as_service};
 use std::time::{Duration, Instant};
 use takumo_keys::{
     client::{Denial, KeysClient, Verdict, VerifiedKey, VerifyLayer},
-    model::Environment,
+    domain::model::Environment,
+    domain::secret::SecretString,
     proto::pb::{self, create_key_request::Scopes},
-    secret::SecretString,
 };
 use tokio::{net::TcpListener, sync::oneshot};
 use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
@@ -145,7 +145,7 @@ async fn grpc_callers_need_a_valid_key_holding_the_routes_scopes() {
         assert!(err.message().contains(want), "{auth:?}: {}", err.message());
     }
     // Well-formed but never issued: only the keys service can tell.
-    let unknown = takumo_keys::keys::generate(takumo_keys::model::Environment::Live);
+    let unknown = takumo_keys::domain::keys::generate(takumo_keys::domain::model::Environment::Live);
     let err = svc.check(Some(&bearer(unknown.full.expose()))).await.unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "the API key is invalid"));
 

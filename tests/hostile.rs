@@ -106,7 +106,7 @@ async fn hostile_requests_get_the_right_status_and_change_nothing(b: Backend) {
     let reads = app.metrics.store_key_reads.get();
     for i in 0..50 {
         let id = if i % 2 == 0 { random(16) } else { legit_id.clone() };
-        let key = takumo_keys::keys::compose(takumo_keys::model::Environment::Live, &id, &random(32));
+        let key = takumo_keys::domain::keys::compose(takumo_keys::domain::model::Environment::Live, &id, &random(32));
         let r = c.verify_key(as_service(pb::VerifyKeyRequest { key: key.into_exposed(), ..Default::default() }, "a"));
         assert_eq!(r.await.unwrap().into_inner().code(), pb::VerifyCode::NotFound);
     }

@@ -5,9 +5,9 @@
 use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 use takumo_keys::{
     Error,
-    keys::{self, CHECKSUM_LEN, ID_LEN, KEY_LEN, SECRET_LEN},
-    model::Environment,
-    validate::{self, MAX_LEN},
+    domain::keys::{self, CHECKSUM_LEN, ID_LEN, KEY_LEN, SECRET_LEN},
+    domain::model::Environment,
+    domain::validate::{self, MAX_LEN},
 };
 
 const BASE62: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

@@ -437,7 +437,7 @@ async fn the_embedded_database_and_its_wal_and_shm_files_are_owner_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pepper_file_others_can_read_stops_startup_naming_it() {
     use std::os::unix::fs::PermissionsExt;
-    use takumo_keys::startup::Application;
+    use takumo_keys::server::startup::Application;
     let dir = tempfile::tempdir().unwrap();
 
     // TAKUMO_PEPPER_FILE, group-readable.
@@ -477,7 +477,7 @@ async fn a_rotated_pepper_keeps_old_keys_verifying_and_rehashes_them() {
     // configuration error (INTERNAL), never "invalid key".
     let rotated_badly = TestApp::spawn_on(db.clone(), |url| {
         let mut a = common::serve_args(url);
-        a.store.pepper = Some(takumo_keys::secret::SecretString::new(NEW));
+        a.store.pepper = Some(takumo_keys::domain::secret::SecretString::new(NEW));
         a
     })
     .await;
@@ -488,8 +488,8 @@ async fn a_rotated_pepper_keeps_old_keys_verifying_and_rehashes_them() {
     // New pepper plus the old one in TAKUMO_PREVIOUS_PEPPERS: verifies, and is rehashed with the new one.
     let rotated = TestApp::spawn_on(db.clone(), |url| {
         let mut a = common::serve_args(url);
-        a.store.pepper = Some(takumo_keys::secret::SecretString::new(NEW));
-        a.store.previous_peppers = Some(takumo_keys::secret::SecretString::new(common::PEPPER));
+        a.store.pepper = Some(takumo_keys::domain::secret::SecretString::new(NEW));
+        a.store.previous_peppers = Some(takumo_keys::domain::secret::SecretString::new(common::PEPPER));
         a
     })
     .await;
@@ -500,13 +500,16 @@ async fn a_rotated_pepper_keeps_old_keys_verifying_and_rehashes_them() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let (_, stored) = rotated.store.get_key_with_hash(&k.id).await.unwrap().unwrap();
-    assert_eq!(stored.pepper_id, takumo_keys::hashing::pepper_id(&takumo_keys::secret::SecretString::new(NEW)));
+    assert_eq!(
+        stored.pepper_id,
+        takumo_keys::verify::hashing::pepper_id(&takumo_keys::domain::secret::SecretString::new(NEW))
+    );
     rotated.shutdown().await;
 
     // The old pepper can now be dropped.
     let done = TestApp::spawn_on(db, |url| {
         let mut a = common::serve_args(url);
-        a.store.pepper = Some(takumo_keys::secret::SecretString::new(NEW));
+        a.store.pepper = Some(takumo_keys::domain::secret::SecretString::new(NEW));
         a
     })
     .await;
@@ -530,7 +533,8 @@ async fn every_configured_service_token_authenticates_including_rotations_and_th
     let db = Arc::new(TestDb::new(Backend::Sqlite).await);
     let app = TestApp::spawn_on(db, |url| {
         let mut a = common::serve_args(url);
-        a.service_tokens = Some(takumo_keys::secret::SecretString::new(format!("dashboard={old},dashboard={new}")));
+        a.service_tokens =
+            Some(takumo_keys::domain::secret::SecretString::new(format!("dashboard={old},dashboard={new}")));
         a.service_tokens_file = Some(file.clone());
         a
     })

@@ -7,8 +7,9 @@ use chrono::{Duration, DurationRound, Utc};
 use common::{Backend, TestStore, test_store};
 use std::sync::Arc;
 use takumo_keys::{
-    Error, keys,
-    model::{
+    Error,
+    domain::keys,
+    domain::model::{
         AuditAction, AuditContext, AuditFilter, Environment, KeyStatus, ListFilter, NewKey, Plan, StoredHash,
         UsageDelta,
     },
@@ -158,7 +159,7 @@ async fn list_is_newest_first_and_pages_by_keyset(b: Backend) {
             break;
         }
         let last = page.last().unwrap();
-        after = Some(takumo_keys::model::Cursor { created_at: last.created_at, id: last.id.clone() });
+        after = Some(takumo_keys::domain::model::Cursor { created_at: last.created_at, id: last.id.clone() });
         got.extend(page.into_iter().map(|k| k.id));
     }
     assert_eq!(got, want);

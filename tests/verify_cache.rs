@@ -9,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 use takumo_keys::{
-    keys,
-    model::Environment,
+    domain::keys,
+    domain::model::Environment,
     proto::pb::{self, create_key_request::Scopes},
 };
 
@@ -242,11 +242,11 @@ async fn wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_change
 
 async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b: Backend) {
     use takumo_keys::{
-        hashing::{HashParams, Hasher},
-        model::AuditContext,
-        scopes::{Preset, expand_preset},
-        secret::SecretString,
-        service::{KeySpec, issue_key},
+        api::issue::{KeySpec, issue_key},
+        domain::model::AuditContext,
+        domain::scopes::{Preset, expand_preset},
+        domain::secret::SecretString,
+        verify::hashing::{HashParams, Hasher},
     };
     let app = TestApp::spawn(b).await;
     // Written with other parameters than the server's (m=256, t=1): as keys

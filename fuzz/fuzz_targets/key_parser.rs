@@ -11,9 +11,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use takumo_keys::{
-    keys::{self, CHECKSUM_LEN, ID_LEN, KEY_LEN, SECRET_LEN},
-    model::Environment,
-};
+    domain::keys::{self, CHECKSUM_LEN, ID_LEN, KEY_LEN, SECRET_LEN},
+    domain::model::Environment};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const PREFIX_LEN: usize = KEY_LEN - ID_LEN - SECRET_LEN - CHECKSUM_LEN;

@@ -12,10 +12,9 @@
 use chrono::DateTime;
 use libfuzzer_sys::fuzz_target;
 use takumo_keys::{
-    keys::{self, ID_LEN},
-    model::Cursor,
-    page_token, proto,
-};
+    domain::keys::{self, ID_LEN},
+    domain::model::Cursor,
+    api::page_token, proto};
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 

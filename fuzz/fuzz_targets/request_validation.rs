@@ -7,10 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use takumo_keys::{
-    keys,
+    domain::keys,
     proto::{self, pb},
-    scopes, validate,
-};
+    domain::scopes, domain::validate};
 
 /// Decoding succeeded: encoding and decoding again gives the same message.
 fn decode<M: Message + Default + PartialEq + std::fmt::Debug>(data: &[u8]) -> Option<M> {

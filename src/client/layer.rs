@@ -7,7 +7,7 @@
 //! panics: every failure becomes a response.
 
 use super::{Denial, KeysClient, Verdict, VerifiedKey};
-use crate::{error::Result, keys, scopes};
+use crate::{domain::keys, domain::scopes, error::Result};
 use futures::future::BoxFuture;
 use hmac::{Hmac, KeyInit, Mac};
 use http::{HeaderValue, Request, Response, StatusCode, header};

@@ -13,11 +13,11 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::{
-    error::{Error, Result},
-    model::{
+    domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, ListFilter, NewKey,
         Organization, Plan, StoredHash, UsageDelta,
     },
+    error::{Error, Result},
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

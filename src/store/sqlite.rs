@@ -4,11 +4,11 @@
 
 use super::{AuditRecord, PoolStats, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
 use crate::{
-    error::{Error, Result},
-    model::{
+    domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
         ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
+    error::{Error, Result},
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};

@@ -7,13 +7,13 @@ pub mod cluster;
 use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
 use takumo_keys::{
-    config::{LogFormat, ServeArgs, StoreArgs},
+    domain::secret::SecretString,
     metrics::Metrics,
     proto::pb::api_key_service_client::ApiKeyServiceClient,
-    secret::SecretString,
-    startup::Application,
+    server::config::{LogFormat, ServeArgs, StoreArgs},
+    server::startup::Application,
     store::{self, Store, StoreOptions},
-    usage::Usage,
+    verify::usage::Usage,
 };
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -153,8 +153,8 @@ pub fn serve_args(url: &str) -> ServeArgs {
         cache_stale_ms: 300_000,
         negative_cache_ttl_ms: 30_000,
         hash_queue: 1024,
-        max_request_bytes: takumo_keys::limits::DEFAULT_MAX_REQUEST_BYTES,
-        http2_max_concurrent_streams: takumo_keys::limits::DEFAULT_MAX_CONCURRENT_STREAMS,
+        max_request_bytes: takumo_keys::api::limits::DEFAULT_MAX_REQUEST_BYTES,
+        http2_max_concurrent_streams: takumo_keys::api::limits::DEFAULT_MAX_CONCURRENT_STREAMS,
         metrics_listen: None,
         shutdown_delay_ms: 0,
         shutdown_timeout_ms: 5_000,
@@ -297,10 +297,10 @@ macro_rules! for_each_backend {
 /// through the library with the test server's pepper; returns the full key.
 pub async fn expired_key(app: &TestApp, org: &str) -> String {
     use takumo_keys::{
-        hashing::{HashParams, Hasher},
-        model::{AuditContext, Environment},
-        scopes::{Preset, expand_preset},
-        service::{KeySpec, issue_key},
+        api::issue::{KeySpec, issue_key},
+        domain::model::{AuditContext, Environment},
+        domain::scopes::{Preset, expand_preset},
+        verify::hashing::{HashParams, Hasher},
     };
     let hasher = Hasher::new(
         SecretString::new(PEPPER),

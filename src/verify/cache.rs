@@ -22,7 +22,7 @@
 //! entry can still be served within the stale window: a listener reconnect
 //! never turns a warm cache cold.
 
-use crate::model::{ApiKey, StoredHash};
+use crate::domain::model::{ApiKey, StoredHash};
 use hmac::{Hmac, KeyInit, Mac};
 use moka::sync::Cache;
 use rand::{TryRngCore, rngs::OsRng};
@@ -256,7 +256,7 @@ impl VerifyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Environment, KeyStatus};
+    use crate::domain::model::{Environment, KeyStatus};
 
     fn key(id: &str) -> Arc<ApiKey> {
         Arc::new(ApiKey {

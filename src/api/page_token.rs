@@ -5,9 +5,9 @@
 //! Pure functions (no I/O), public so the fuzz crate can reach them.
 
 use crate::{
+    domain::keys,
+    domain::model::Cursor,
     error::{Error, Result},
-    keys,
-    model::Cursor,
     proto,
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};

@@ -6,13 +6,13 @@
 //! checks that need the target key live on [`Caller`], next to the table.
 
 use crate::{
+    api::tls::CertServices,
+    domain::keys,
+    domain::model::{ApiKey, AuditContext, Environment},
+    domain::scopes,
+    domain::secret::SecretString,
+    domain::validate,
     error::{Error, Result},
-    keys,
-    model::{ApiKey, AuditContext, Environment},
-    scopes,
-    secret::SecretString,
-    tls::CertServices,
-    validate,
     verify::{Denial, Purpose, Verdict, Verifier},
 };
 use chrono::{DateTime, Utc};

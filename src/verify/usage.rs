@@ -7,8 +7,8 @@
 //! them (up to a bound, past which the oldest are dropped and logged).
 
 use crate::{
+    domain::model::{ApiKey, UsageDelta},
     metrics::Metrics,
-    model::{ApiKey, UsageDelta},
     store::Store,
 };
 use chrono::{DateTime, Duration as ChronoDuration, DurationRound, Utc};

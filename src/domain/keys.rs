@@ -6,7 +6,7 @@
 //!   GitHub's token scheme, so typos and garbage are refused before any
 //!   database or argon2 work, and secret scanners can recognise our keys.
 
-use crate::{model::Environment, secret::SecretString};
+use crate::{domain::model::Environment, domain::secret::SecretString};
 use rand::{Rng, TryRngCore, rngs::OsRng};
 
 pub const ID_LEN: usize = 16;

@@ -26,10 +26,10 @@
 //! verification while new hashes use the current one.
 
 use crate::{
+    domain::model::StoredHash,
+    domain::secret::SecretString,
     error::{Error, Result},
     metrics::Metrics,
-    model::StoredHash,
-    secret::SecretString,
 };
 use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use std::sync::{

@@ -3,20 +3,22 @@
 //! `tonic::Status` in one place (`error.rs`).
 
 use crate::{
-    auth::{Authenticator, Caller, Principal, Rpc, authorize},
+    api::auth::{Authenticator, Caller, Principal, Rpc, authorize},
+    api::issue::{KeySpec, issue_key},
+    api::page_token,
+    api::spans,
+    domain::keys,
+    domain::model::{ApiKey, AuditFilter, KeyStatus, ListFilter},
+    domain::scopes,
+    domain::validate,
     error::{Error, Result},
-    hashing::Hasher,
-    keys, metrics,
-    model::{ApiKey, AuditContext, AuditFilter, Environment, KeyStatus, ListFilter, NewKey},
-    page_token,
+    metrics,
     proto::{self, pb},
-    scopes,
-    secret::SecretString,
     store::{Store, truncate_micros},
-    telemetry, validate,
-    verify::{Denial, Purpose, Verifier},
+    verify::hashing::Hasher,
+    verify::{Denial, Purpose, Verdict, Verifier},
 };
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::TryStreamExt;
 use pb::api_key_service_server::ApiKeyService;
 use std::sync::Arc;
@@ -65,8 +67,8 @@ impl KeysService {
         }
         match self.store.get_key(id).await? {
             Some(k) if caller.can_see(&k) => {
-                telemetry::record("organization_id", &k.organization_id);
-                telemetry::record("key_id", &k.id);
+                spans::record("organization_id", &k.organization_id);
+                spans::record("key_id", &k.id);
                 Ok(k)
             }
             _ => Err(not_found()),
@@ -83,7 +85,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::CreateKey).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
-        telemetry::record("organization_id", &organization_id);
+        spans::record("organization_id", &organization_id);
         validate::name("name", &r.name)?;
         let scope_set = match &r.scopes {
             None => {
@@ -110,8 +112,8 @@ impl KeysService {
             &caller.audit(),
         )
         .await?;
-        telemetry::record("key_id", &key.id);
-        tracing::info!(key_id = %key.id, organization_id = %telemetry::Escaped(&key.organization_id), "key created");
+        spans::record("key_id", &key.id);
+        tracing::info!(key_id = %key.id, organization_id = %spans::Escaped(&key.organization_id), "key created");
         Ok(pb::CreateKeyResponse { key: Some(key.into()), secret: secret.into_exposed() })
     }
 
@@ -124,7 +126,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ListKeys).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
-        telemetry::record("organization_id", &organization_id);
+        spans::record("organization_id", &organization_id);
         let page_size = page_size(r.page_size)?;
         let after = (!r.page_token.is_empty()).then(|| page_token::decode_key_cursor(&r.page_token)).transpose()?;
         let filter = ListFilter {
@@ -214,16 +216,16 @@ impl KeysService {
         let verdict =
             self.verifier.verify(&r.key, Purpose::VerifyKey { required: &r.required_scopes, organization }).await?;
         if let Some(key) = verdict.key() {
-            telemetry::record("organization_id", &key.organization_id);
-            telemetry::record("key_id", &key.id);
+            spans::record("organization_id", &key.organization_id);
+            spans::record("key_id", &key.id);
         }
-        Ok(verdict.into())
+        Ok(verify_response(verdict))
     }
 
     async fn get_key_stats(&self, req: Request<pb::GetKeyStatsRequest>) -> Result<pb::KeyStats> {
         let caller = self.caller(&req, Rpc::GetKeyStats).await?;
         let organization_id = caller.organization(&req.get_ref().organization_id)?;
-        telemetry::record("organization_id", &organization_id);
+        spans::record("organization_id", &organization_id);
         let s = self.store.key_stats(&organization_id, Utc::now()).await?;
         Ok(pb::KeyStats {
             total_keys: s.total_keys,
@@ -245,7 +247,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ListAuditEvents).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
-        telemetry::record("organization_id", &organization_id);
+        spans::record("organization_id", &organization_id);
         let page_size = page_size(r.page_size)?;
         let before_id =
             (!r.page_token.is_empty()).then(|| page_token::decode_audit_cursor(&r.page_token)).transpose()?;
@@ -268,7 +270,7 @@ impl KeysService {
         let caller = self.caller(&req, Rpc::ExportAuditEvents).await?;
         let r = req.into_inner();
         let organization_id = caller.organization(&r.organization_id)?;
-        telemetry::record("organization_id", &organization_id);
+        spans::record("organization_id", &organization_id);
         let filter = AuditFilter {
             since: r.since.as_ref().map(|t| proto::from_timestamp("since", t)).transpose()?,
             until: r.until.as_ref().map(|t| proto::from_timestamp("until", t)).transpose()?,
@@ -301,59 +303,36 @@ impl KeysService {
         validate::ident("organization_id", &r.organization_id)?;
         let plan = proto::plan(r.plan)?;
         let org = self.store.set_plan(&r.organization_id, plan, &caller.audit()).await?;
-        tracing::info!(organization_id = %telemetry::Escaped(&org.id), plan = org.plan.as_str(), "plan set");
+        tracing::info!(organization_id = %spans::Escaped(&org.id), plan = org.plan.as_str(), "plan set");
         Ok(proto::organization(org))
     }
 }
 
-/// A validated request for a new key.
-pub struct KeySpec {
-    pub organization_id: String,
-    pub name: String,
-    pub scopes: Vec<String>,
-    pub created_by: String,
-    pub environment: Environment,
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
-/// Generates, hashes and stores a key; returns it with the full key string,
-/// which exists nowhere else from here on. Shared by `CreateKey` and the
-/// `bootstrap` command.
-pub async fn issue_key(
-    store: &dyn Store,
-    hasher: &Hasher,
-    spec: KeySpec,
-    audit: &AuditContext,
-) -> Result<(ApiKey, SecretString)> {
-    // Argon2 is the expensive step: a create the plan would refuse must not
-    // cost one. The store checks the limit again, atomically, on insert. An
-    // unlimited plan needs no count (one primary-key read).
-    let plan = store.get_organization(&spec.organization_id).await?.plan;
-    if let Some(limit) = plan.key_limit()
-        && store.key_stats(&spec.organization_id, Utc::now()).await?.keys_counted >= limit
-    {
-        return Err(Error::LimitExceeded { plan, limit });
+/// A verdict as `VerifyKey` answers it: the key's identity whenever the
+/// secret was proven (so a caller can say which key was refused), nothing
+/// for a malformed or unknown key.
+fn verify_response(v: Verdict) -> pb::VerifyKeyResponse {
+    let code = v.code();
+    let mut r = pb::VerifyKeyResponse { valid: code == pb::VerifyCode::Valid, code: code as i32, ..Default::default() };
+    let (key, stale) = match v {
+        Verdict::Valid { key, stale } => (Some(key), stale),
+        Verdict::Denied { denial, key, stale } => {
+            if let Denial::InsufficientScope(missing) = denial {
+                r.missing_scopes = missing;
+            }
+            (key, stale)
+        }
+    };
+    r.stale = stale;
+    if let Some(key) = key {
+        r.key_id = key.id.clone();
+        r.organization_id = key.organization_id.clone();
+        r.name = key.name.clone();
+        r.created_by = key.created_by.clone();
+        r.scopes = key.scopes.clone();
+        r.environment = pb::Environment::from(key.environment) as i32;
     }
-    let generated = keys::generate(spec.environment);
-    let secret_hash = hasher.hash(generated.full.clone()).await?;
-    let key = store
-        .create_key(
-            NewKey {
-                id: generated.id.clone(),
-                prefix: generated.display_prefix(),
-                organization_id: spec.organization_id,
-                name: spec.name,
-                scopes: spec.scopes,
-                created_by: spec.created_by,
-                created_at: truncate_micros(Utc::now()),
-                expires_at: spec.expires_at,
-                environment: spec.environment,
-                secret_hash,
-            },
-            audit,
-        )
-        .await?;
-    Ok((key, generated.full))
+    r
 }
 
 fn scope_catalog() -> pb::ListScopesResponse {

@@ -2,40 +2,31 @@
 //! future resolves, so production passes SIGTERM/Ctrl-C and tests a oneshot.
 
 use crate::{
-    auth::{Authenticator, ServiceTokens},
-    cache::VerifyCache,
-    config::{BootstrapArgs, HealthArgs, ServeArgs, StoreArgs},
+    api::{
+        auth::Authenticator,
+        limits,
+        service::KeysService,
+        spans,
+        tls::{self, CertServices},
+    },
     error::{Error, Result},
-    hashing::{Hasher, Peppers},
-    limits,
     metrics::{self, Metrics},
-    model::AuditContext,
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
-    scopes::{self, Preset},
-    secret::SecretString,
-    service::{KeySpec, KeysService, issue_key},
+    server::{
+        config::{ServeArgs, StoreArgs},
+        health, secrets,
+    },
     store::{self, ChangeSink, Store},
-    telemetry,
-    tls::{self, CertServices},
-    usage::Usage,
-    validate,
-    verify::Verifier,
+    verify::{
+        Verifier,
+        cache::VerifyCache,
+        hashing::{Hasher, Peppers},
+        usage::Usage,
+    },
 };
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use rand::{TryRngCore, rngs::OsRng};
-use std::{
-    future::Future,
-    io::Write,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
-
-/// How often the store is pinged to keep the health status true.
-const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Opens the store and resolves the pepper: the part `serve` and `bootstrap` share.
 pub async fn open_store(
@@ -44,7 +35,7 @@ pub async fn open_store(
     metrics: Arc<Metrics>,
 ) -> Result<(Arc<dyn Store>, Hasher)> {
     // The pepper first: a configuration mistake should not wait on the database.
-    let current = resolve_pepper(args).await?;
+    let current = secrets::resolve_pepper(args).await?;
     let store = store::connect(args.database_url.expose(), &args.store_options()).await.map_err(|e| match e {
         Error::Unavailable { source, .. } => Error::Unavailable {
             message: "DATABASE_URL: cannot reach the database (the URL is not shown: it may hold a password)".into(),
@@ -52,122 +43,9 @@ pub async fn open_store(
         },
         e => e,
     })?;
-    let previous = args
-        .previous_peppers
-        .as_ref()
-        .map(|p| p.expose().split(',').map(str::trim).filter(|s| !s.is_empty()).map(SecretString::new).collect())
-        .unwrap_or_default();
+    let previous = secrets::previous_peppers(args);
     let hasher = Hasher::with_queue(Peppers { current, previous }, args.hash_params(), hash_queue, metrics)?;
     Ok((store, hasher))
-}
-
-async fn resolve_pepper(args: &StoreArgs) -> Result<SecretString> {
-    if let Some(p) = &args.pepper {
-        return Ok(p.clone());
-    }
-    if let Some(path) = &args.pepper_file {
-        ensure_private("TAKUMO_PEPPER_FILE", path)?;
-        let raw = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|e| Error::invalid(format!("TAKUMO_PEPPER_FILE {}: {e}", path.display())))?;
-        return Ok(SecretString::new(raw.trim_end()));
-    }
-    match embedded_db_path(args.database_url.expose()) {
-        Some(db) => embedded_pepper(&db),
-        None => Err(Error::invalid(
-            "TAKUMO_PEPPER (or TAKUMO_PEPPER_FILE) is required with PostgreSQL: every replica must share it",
-        )),
-    }
-}
-
-/// The SQLite file of an embedded DSN, or `None` for PostgreSQL.
-fn embedded_db_path(dsn: &str) -> Option<PathBuf> {
-    let rest = dsn.strip_prefix("sqlite:")?;
-    let rest = rest.trim_start_matches("//");
-    let path = rest.split('?').next().unwrap_or_default();
-    Some(PathBuf::from(path))
-}
-
-/// The embedded default must start with no configuration, so it keeps a
-/// generated pepper in `<db>.pepper` (mode 0600). In-memory databases get an
-/// ephemeral one: their keys die with the process anyway.
-fn embedded_pepper(db: &Path) -> Result<SecretString> {
-    let fresh = || {
-        let mut bytes = [0u8; 32];
-        OsRng.try_fill_bytes(&mut bytes).map_err(Error::internal)?;
-        Ok::<_, Error>(URL_SAFE_NO_PAD.encode(bytes))
-    };
-    let s = db.to_string_lossy();
-    if s.is_empty() || s.starts_with(":memory:") || s == "memory" {
-        return Ok(SecretString::new(fresh()?));
-    }
-    let mut path = db.as_os_str().to_owned();
-    path.push(".pepper");
-    let path = PathBuf::from(path);
-    if path.exists() {
-        ensure_private("pepper file", &path)?;
-    }
-    match std::fs::read_to_string(&path) {
-        Ok(p) => return Ok(SecretString::new(p.trim_end())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::invalid(format!("pepper file {}: {e}", path.display())));
-        }
-    }
-    let pepper = fresh()?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let write = opts.open(&path).and_then(|mut f| {
-        f.write_all(pepper.as_bytes())?;
-        f.sync_all()
-    });
-    match write {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "generated a pepper for the embedded database");
-            Ok(SecretString::new(pepper))
-        }
-        // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let p = std::fs::read_to_string(&path).map_err(Error::internal)?;
-            Ok(SecretString::new(p.trim_end()))
-        }
-        Err(e) => Err(Error::invalid(format!("cannot write pepper file {}: {e}", path.display()))),
-    }
-}
-
-/// Refuses a secret file that group or others may read, as ssh does with
-/// private keys: a pepper anyone on the host can read is no secret.
-fn ensure_private(what: &str, path: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| Error::invalid(format!("{what} {}: {e}", path.display())))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(Error::invalid(format!(
-                "{what} {} has mode {mode:04o}: it must not be readable by group or others (chmod 600 {})",
-                path.display(),
-                path.display()
-            )));
-        }
-    }
-    let _ = (what, path);
-    Ok(())
-}
-
-/// Service tokens from TAKUMO_SERVICE_TOKENS and TAKUMO_SERVICE_TOKENS_FILE together.
-async fn service_tokens(args: &ServeArgs) -> Result<ServiceTokens> {
-    let mut spec = args.service_tokens.as_ref().map(|s| s.expose().to_owned()).unwrap_or_default();
-    if let Some(path) = &args.service_tokens_file {
-        let file = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|e| Error::invalid(format!("TAKUMO_SERVICE_TOKENS_FILE {}: {e}", path.display())))?;
-        spec.push(',');
-        spec.push_str(&file.replace(['\n', '\r'], ","));
-    }
-    ServiceTokens::parse(&SecretString::new(spec))
 }
 
 /// A bound, ready-to-run server.
@@ -195,7 +73,7 @@ impl Application {
     pub async fn build(args: &ServeArgs) -> Result<Self> {
         let metrics = Arc::new(Metrics::default());
         let (store, hasher) = open_store(&args.store, args.hash_queue, metrics.clone()).await?;
-        let tokens = service_tokens(args).await?;
+        let tokens = secrets::service_tokens(args).await?;
         let cert_services = match &args.mtls_services {
             Some(spec) => CertServices::parse(spec)?,
             None => CertServices::default(),
@@ -299,10 +177,10 @@ impl Application {
         });
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        set_health(&health, true).await;
+        health::set_health(&health, true).await;
         // The prober stops when shutdown begins, so it cannot turn health back to SERVING.
         let (prober_stop, prober_rx) = watch::channel(false);
-        let prober = tokio::spawn(probe_health(self.store.clone(), health.clone(), prober_rx));
+        let prober = tokio::spawn(health::probe_health(self.store.clone(), health.clone(), prober_rx));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -322,7 +200,7 @@ impl Application {
         tracing::info!(%addr, backend = self.store.backend(), "serving gRPC");
         // The HTTP/2 limits a public gRPC server needs (see `limits`).
         let mut server = Server::builder()
-            .trace_fn(telemetry::rpc_span)
+            .trace_fn(spans::rpc_span)
             .max_concurrent_streams(self.max_concurrent_streams)
             .http2_max_header_list_size(limits::HTTP2_MAX_HEADER_LIST_BYTES)
             .http2_keepalive_interval(Some(limits::HTTP2_KEEPALIVE_INTERVAL))
@@ -339,7 +217,7 @@ impl Application {
             async move {
                 shutdown.await;
                 let _ = prober_stop.send(true);
-                set_health(&health, false).await;
+                health::set_health(&health, false).await;
                 tracing::info!(?delay, "shutting down: health is NOT_SERVING");
                 tokio::time::sleep(delay).await;
                 tracing::info!("closing the listener; draining in-flight calls");
@@ -374,97 +252,6 @@ impl Application {
         tracing::info!("stopped");
         result
     }
-}
-
-/// Sets both the overall ("") and the `ApiKeyService` status, so probes
-/// that ask either see the same answer.
-async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
-    use tonic_health::ServingStatus;
-    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    health.set_service_status("", status).await;
-    health.set_service_status(<ApiKeyServiceServer<KeysService> as tonic::server::NamedService>::NAME, status).await;
-}
-
-/// Keeps health true to the store: SERVING only while it answers.
-async fn probe_health(
-    store: Arc<dyn Store>,
-    health: tonic_health::server::HealthReporter,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
-    let mut serving = true;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping()).await.is_ok_and(|r| r.is_ok());
-        if ok != serving {
-            serving = ok;
-            if ok {
-                tracing::info!("store answers again: SERVING");
-                set_health(&health, true).await;
-            } else {
-                tracing::warn!("store does not answer: NOT_SERVING");
-                set_health(&health, false).await;
-            }
-        }
-    }
-}
-
-/// `takumo-keys bootstrap`: how an operator gets the first key of an
-/// organization. Returns the full key; the caller prints it once.
-pub async fn bootstrap(args: &BootstrapArgs) -> Result<(crate::model::ApiKey, SecretString)> {
-    validate::ident("--organization", &args.organization)?;
-    validate::ident("--member", &args.member)?;
-    validate::name("--name", &args.name)?;
-    let (store, hasher) = open_store(&args.store, 1, Arc::default()).await?;
-    if let Some(plan) = args.plan {
-        store.set_plan(&args.organization, plan, &AuditContext::operator(&args.member)).await?;
-    }
-    issue_key(
-        &*store,
-        &hasher,
-        KeySpec {
-            organization_id: args.organization.clone(),
-            name: args.name.clone(),
-            scopes: scopes::expand_preset(Preset::Organization),
-            created_by: args.member.clone(),
-            environment: crate::model::Environment::Live,
-            expires_at: None,
-        },
-        &AuditContext::operator(&args.member),
-    )
-    .await
-}
-
-/// `takumo-keys health`: asks a running server's `grpc.health.v1.Health`
-/// whether it is SERVING. For container health checks, which cannot speak gRPC.
-pub async fn health_check(args: &HealthArgs) -> Result<()> {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-    let timeout = Duration::from_millis(args.timeout_ms);
-    let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
-            .map_err(Error::internal)?
-            .connect_timeout(timeout)
-            .connect()
-            .await
-            .map_err(Error::unavailable)?;
-        let resp =
-            HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map_err(|s| {
-                Error::Unavailable { message: format!("health check failed: {}", s.message()), source: None }
-            })?;
-        match resp.into_inner().status() {
-            ServingStatus::Serving => Ok(()),
-            other => {
-                Err(Error::Unavailable { message: format!("server reports {}", other.as_str_name()), source: None })
-            }
-        }
-    };
-    tokio::time::timeout(timeout, check).await.map_err(|_| Error::Unavailable {
-        message: format!("no answer from {} in {timeout:?}", args.addr),
-        source: None,
-    })?
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -1,22 +1,21 @@
 //! Command line and environment. Every flag has a `TAKUMO_*` variable
-//! (the database keeps the conventional `DATABASE_URL`); defaults are the
-//! constants below. Secret-bearing values are `SecretString`, and
+//! (the database keeps the conventional `DATABASE_URL`); each default has one
+//! source: the constants below for what only the process knows, and the
+//! `Default` of the layer's own settings type (`StoreOptions`,
+//! `CacheSettings`, `HashParams`) for the rest. Secret-bearing values are `SecretString`, and
 //! `hide_env_values` keeps them out of `--help`.
 
-use crate::{cache::CacheSettings, hashing::HashParams, model::Plan, secret::SecretString, store::StoreOptions};
+use crate::{
+    domain::model::Plan, domain::secret::SecretString, store::StoreOptions, verify::cache::CacheSettings,
+    verify::hashing::HashParams,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://takumo-keys.db";
 pub const DEFAULT_USAGE_FLUSH_MS: u64 = 1_000;
-pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
-pub const DEFAULT_DB_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 20_000;
-pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
-pub const DEFAULT_CACHE_FRESHNESS_MS: u64 = 30_000;
-pub const DEFAULT_CACHE_STALE_MS: u64 = 300_000;
-pub const DEFAULT_NEGATIVE_TTL_MS: u64 = 30_000;
 
 #[derive(Debug, Parser)]
 #[command(name = "takumo-keys", version, about = "Issues and verifies Takumo API keys over gRPC")]
@@ -91,15 +90,15 @@ pub struct StoreArgs {
     pub argon2_parallelism: u32,
 
     /// Most database connections held by this process.
-    #[arg(long, env = "TAKUMO_DB_MAX_CONNECTIONS", default_value_t = DEFAULT_DB_MAX_CONNECTIONS)]
+    #[arg(long, env = "TAKUMO_DB_MAX_CONNECTIONS", default_value_t = StoreOptions::default().max_connections)]
     pub db_max_connections: u32,
 
     /// How long a request waits for a database connection before UNAVAILABLE, in milliseconds.
-    #[arg(long, env = "TAKUMO_DB_ACQUIRE_TIMEOUT_MS", default_value_t = DEFAULT_DB_TIMEOUT_MS)]
+    #[arg(long, env = "TAKUMO_DB_ACQUIRE_TIMEOUT_MS", default_value_t = StoreOptions::default().acquire_timeout.as_millis() as u64)]
     pub db_acquire_timeout_ms: u64,
 
     /// PostgreSQL statement timeout, in milliseconds.
-    #[arg(long, env = "TAKUMO_DB_STATEMENT_TIMEOUT_MS", default_value_t = DEFAULT_DB_TIMEOUT_MS)]
+    #[arg(long, env = "TAKUMO_DB_STATEMENT_TIMEOUT_MS", default_value_t = StoreOptions::default().statement_timeout.as_millis() as u64)]
     pub db_statement_timeout_ms: u64,
 }
 
@@ -177,25 +176,25 @@ pub struct ServeArgs {
     pub usage_flush_interval_ms: u64,
 
     /// Most verified keys cached per process (and as many remembered misses).
-    #[arg(long, env = "TAKUMO_CACHE_CAPACITY", default_value_t = DEFAULT_CACHE_CAPACITY)]
+    #[arg(long, env = "TAKUMO_CACHE_CAPACITY", default_value_t = CacheSettings::default().capacity)]
     pub cache_capacity: u64,
 
     /// After this many milliseconds a cached key's record is re-read from the store
     /// (no rehash). Changes reach every replica at once through notices anyway.
-    #[arg(long, env = "TAKUMO_CACHE_FRESHNESS_MS", default_value_t = DEFAULT_CACHE_FRESHNESS_MS)]
+    #[arg(long, env = "TAKUMO_CACHE_FRESHNESS_MS", default_value_t = CacheSettings::default().freshness.as_millis() as u64)]
     pub cache_freshness_ms: u64,
 
     /// While the store is unreachable, cached keys keep verifying up to this age
     /// in milliseconds (fail static); older ones answer UNAVAILABLE.
-    #[arg(long, env = "TAKUMO_CACHE_STALE_MS", default_value_t = DEFAULT_CACHE_STALE_MS)]
+    #[arg(long, env = "TAKUMO_CACHE_STALE_MS", default_value_t = CacheSettings::default().stale_window.as_millis() as u64)]
     pub cache_stale_ms: u64,
 
     /// How long a well-formed key that named no key, or carried a wrong secret, is remembered.
-    #[arg(long, env = "TAKUMO_NEGATIVE_CACHE_TTL_MS", default_value_t = DEFAULT_NEGATIVE_TTL_MS)]
+    #[arg(long, env = "TAKUMO_NEGATIVE_CACHE_TTL_MS", default_value_t = CacheSettings::default().negative_ttl.as_millis() as u64)]
     pub negative_cache_ttl_ms: u64,
 
     /// Argon2 jobs that may wait for a hashing thread; beyond it, RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TAKUMO_HASH_QUEUE", default_value_t = crate::hashing::DEFAULT_QUEUE_CAPACITY)]
+    #[arg(long, env = "TAKUMO_HASH_QUEUE", default_value_t = crate::verify::hashing::DEFAULT_QUEUE_CAPACITY)]
     pub hash_queue: usize,
 
     /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); off when unset.
@@ -212,12 +211,12 @@ pub struct ServeArgs {
     pub shutdown_timeout_ms: u64,
 
     /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "TAKUMO_MAX_REQUEST_BYTES", default_value_t = crate::limits::DEFAULT_MAX_REQUEST_BYTES)]
+    #[arg(long, env = "TAKUMO_MAX_REQUEST_BYTES", default_value_t = crate::api::limits::DEFAULT_MAX_REQUEST_BYTES)]
     pub max_request_bytes: usize,
 
     /// Most concurrent HTTP/2 streams (in-flight calls) per client connection
     /// (SETTINGS_MAX_CONCURRENT_STREAMS); a client needing more opens more connections.
-    #[arg(long, env = "TAKUMO_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = crate::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    #[arg(long, env = "TAKUMO_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = crate::api::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub http2_max_concurrent_streams: u32,
 
     /// Log format on stderr.

@@ -65,7 +65,7 @@ impl CertServices {
             if identity.is_empty() || name.is_empty() {
                 return Err(bad("has an empty identity or service name"));
             }
-            crate::validate::ident("TAKUMO_MTLS_SERVICES service name", name)?;
+            crate::domain::validate::ident("TAKUMO_MTLS_SERVICES service name", name)?;
             entries.push((field, identity.to_owned(), name.to_owned()));
         }
         Ok(Self { entries })

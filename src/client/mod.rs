@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use takumo_keys::{client::{KeysClient, VerifyLayer}, secret::SecretString};
+//! use takumo_keys::{client::{KeysClient, VerifyLayer}, domain::secret::SecretString};
 //!
 //! let keys = KeysClient::connect("http://keys.internal:50051", SecretString::new("…service token…")).await?;
 //! let layer = VerifyLayer::builder(keys).require("/grpc.health.v1.Health/Check", ["fleet.read"]).build()?;
@@ -27,13 +27,13 @@ pub use layer::{RejectionBody, VerifyLayer, VerifyLayerBuilder, VerifyService};
 
 pub use crate::verify::Denial;
 use crate::{
+    domain::model::Environment,
+    domain::secret::SecretString,
     error::{Error, Result},
-    model::Environment,
     proto::{
         self,
         pb::{self, api_key_service_client::ApiKeyServiceClient},
     },
-    secret::SecretString,
 };
 use std::{fmt, time::Duration};
 use tonic::{

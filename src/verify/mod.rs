@@ -3,19 +3,28 @@
 //! `VerifyKey` and the authentication of API-key callers both go through
 //! [`Verifier::verify`], so a key that verifies is exactly a key that can
 //! call the API, and both are counted in one place.
+//!
+//! Layout: [`cache`] (the verified-key cache), [`hashing`] (argon2id on
+//! dedicated threads), [`usage`] (batched usage counting); may import from
+//! [`crate::store`], [`crate::proto`] and the ground, never from
+//! [`crate::api`] or [`crate::server`].
+
+pub mod cache;
+pub mod hashing;
+pub mod usage;
 
 use crate::{
-    cache::{Entry, Fingerprint, VerifyCache},
+    domain::keys,
+    domain::model::{ApiKey, KeyStatus, StoredHash},
+    domain::scopes,
+    domain::secret::SecretString,
     error::{Error, Result},
-    hashing::Hasher,
-    keys,
     metrics::Metrics,
-    model::{ApiKey, KeyStatus, StoredHash},
     proto::pb::VerifyCode,
-    scopes,
-    secret::SecretString,
     store::{ChangeSink, Store},
-    usage::Usage,
+    verify::cache::{Entry, Fingerprint, VerifyCache},
+    verify::hashing::Hasher,
+    verify::usage::Usage,
 };
 use chrono::{DateTime, Utc};
 use std::{
