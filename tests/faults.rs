@@ -166,6 +166,37 @@ async fn database_outage_fails_static_for_cached_keys_and_recovers_without_resta
     .await;
 }
 
+/// The outage breaker: after one failed read, cold verifications answer
+/// UNAVAILABLE without trying the store again for its retry interval (1 s),
+/// so an outage does not make every call wait on a dead database; after it, a
+/// call tries again. Counted, not timed: 50 calls back to back try the store
+/// far fewer than 50 times, and the one call after a 1.5 s sleep tries it (a
+/// slower machine only sleeps longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_cold_verifications_fail_fast_without_each_trying_the_store() {
+    let pg = PgCluster::start();
+    let app = outage_app(&pg, 300_000).await;
+    let mut c = app.client.clone();
+    set_enterprise(&mut c, "acme").await;
+    let (_, cold) = create(&mut c, "acme").await.unwrap();
+    pg.stop();
+
+    let reads = app.metrics.store_key_reads.get();
+    for i in 0..50 {
+        let err = verify(&mut c, &cold).await.expect_err("a cold key verified with the store down");
+        assert_eq!(err.code(), Code::Unavailable, "call {i}: {err:?}");
+    }
+    let tried = app.metrics.store_key_reads.get() - reads;
+    assert!(tried >= 1, "the store was never tried");
+    assert!(tried <= 25, "50 calls during an outage tried the store {tried} times: the breaker did not open");
+
+    // After its interval the breaker lets a call try again (the outage may be over).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let before = app.metrics.store_key_reads.get();
+    assert_eq!(verify(&mut c, &cold).await.unwrap_err().code(), Code::Unavailable);
+    assert!(app.metrics.store_key_reads.get() > before, "the breaker stayed open past its 1 s interval");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_keys_older_than_the_stale_window_are_unavailable_not_valid() {
     let pg = PgCluster::start();

@@ -346,6 +346,9 @@ mod tests {
         c.set_notices_flowing(false);
         assert!(c.record("id1").is_none(), "not trusted while notices cannot arrive");
         c.set_notices_flowing(true);
+        c.insert_record("id1", rec(), c.epoch("id1"));
+        c.forget_record("id1");
+        assert!(c.record("id1").is_none(), "a replaced hash voids it");
         // A read that raced an invalidation is not remembered.
         let epoch = c.epoch("id2");
         c.remove("id2");

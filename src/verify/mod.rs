@@ -228,22 +228,37 @@ struct Breaker {
 }
 
 impl Breaker {
+    fn new() -> Self {
+        Self { start: Instant::now(), failed_at_ms: AtomicU64::new(0) }
+    }
+
     fn open(&self) -> bool {
         let at = self.failed_at_ms.load(Ordering::Relaxed);
-        at != 0 && self.start.elapsed().as_millis() as u64 - at < STORE_RETRY_INTERVAL.as_millis() as u64
+        // `failed` stores at least 1 ms, which can be ahead of `elapsed` in the
+        // process's first millisecond: saturate instead of underflowing.
+        at != 0
+            && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < STORE_RETRY_INTERVAL.as_millis() as u64
     }
 
-    fn failed(&self, err: &Error) {
+    /// Records a failure. True (and logged, once per outage) when it is the
+    /// first since the store last answered.
+    fn failed(&self, err: &Error) -> bool {
         let now = (self.start.elapsed().as_millis() as u64).max(1);
-        if self.failed_at_ms.swap(now, Ordering::Relaxed) == 0 {
+        let first = self.failed_at_ms.swap(now, Ordering::Relaxed) == 0;
+        if first {
             tracing::warn!(error = %crate::error::error_chain(err), "key store unreachable: verifying from cache (fail static)");
         }
+        first
     }
 
-    fn answered(&self) {
-        if self.failed_at_ms.swap(0, Ordering::Relaxed) != 0 {
+    /// Records an answer: closes the breaker. True (and logged) when it was
+    /// failing until now.
+    fn answered(&self) -> bool {
+        let recovered = self.failed_at_ms.swap(0, Ordering::Relaxed) != 0;
+        if recovered {
             tracing::info!("key store answers again");
         }
+        recovered
     }
 }
 
@@ -255,14 +270,16 @@ impl Verifier {
         cache: Arc<VerifyCache>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let breaker = Arc::new(Breaker { start: Instant::now(), failed_at_ms: AtomicU64::new(0) });
+        let breaker = Arc::new(Breaker::new());
         let inflight = Arc::new(
             moka::sync::Cache::builder().max_capacity(INFLIGHT_CAPACITY).time_to_idle(Duration::from_secs(10)).build(),
         );
         Self { store, hasher, usage, cache, metrics, breaker, inflight }
     }
 
-    /// Runs a store call, recording outages for the breaker.
+    /// Runs a key read, recording outages for the breaker. While the breaker
+    /// is open the read is not even tried (and not counted in
+    /// `store_key_reads`): during an outage a call must not wait on a dead store.
     async fn store_call<T>(&self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         if self.breaker.open() {
             return Err(Error::Unavailable {
@@ -270,10 +287,15 @@ impl Verifier {
                 source: None,
             });
         }
+        self.metrics.store_key_reads.inc();
         let r = call.await;
         match &r {
-            Err(e @ Error::Unavailable { .. }) => self.breaker.failed(e),
-            _ => self.breaker.answered(),
+            Err(e @ Error::Unavailable { .. }) => {
+                self.breaker.failed(e);
+            }
+            _ => {
+                self.breaker.answered();
+            }
         }
         r
     }
@@ -353,7 +375,6 @@ impl Verifier {
                 record
             }
             None => {
-                self.metrics.store_key_reads.inc();
                 let record = self.store_call(self.store.get_key_with_hash(parsed.id)).await?.map(Arc::new);
                 self.cache.insert_record(parsed.id, record.clone(), epoch);
                 record
@@ -410,9 +431,6 @@ impl Verifier {
     async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<(Arc<ApiKey>, bool)>> {
         self.metrics.cache_refreshes.inc();
         let epoch = self.cache.epoch(&entry.key.id);
-        if !self.breaker.open() {
-            self.metrics.store_key_reads.inc();
-        }
         match self.store_call(self.store.get_key(&entry.key.id)).await {
             Ok(Some(k)) => {
                 let k = Arc::new(k);
@@ -485,5 +503,106 @@ impl ChangeSink for Verifier {
     fn notices_lost(&self) {
         self.metrics.change_notices_flowing.set(0);
         self.cache.set_notices_flowing(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::Environment;
+
+    fn outage() -> Error {
+        Error::Unavailable { message: "down".into(), source: None }
+    }
+
+    #[test]
+    fn the_breaker_opens_on_a_failure_and_closes_on_an_answer() {
+        let b = Breaker::new();
+        assert!(!b.open(), "a new breaker is closed");
+        assert!(b.failed(&outage()), "the first failure opens it");
+        assert!(b.open());
+        assert!(!b.failed(&outage()), "later failures of the same outage are not news");
+        assert!(b.answered(), "an answer closes it");
+        assert!(!b.open());
+        assert!(!b.answered(), "an answer while closed changes nothing");
+    }
+
+    #[test]
+    fn the_breaker_stays_open_for_its_interval_only() {
+        // A breaker whose process started 10 s ago.
+        let b = Breaker { start: Instant::now() - Duration::from_secs(10), failed_at_ms: AtomicU64::new(0) };
+        let ms = |d: Duration| d.as_millis() as u64;
+        let since_start = ms(b.start.elapsed());
+        b.failed_at_ms.store(since_start - ms(STORE_RETRY_INTERVAL) / 2, Ordering::Relaxed);
+        assert!(b.open(), "half an interval after a failure it is open");
+        b.failed_at_ms.store(since_start - 2 * ms(STORE_RETRY_INTERVAL), Ordering::Relaxed);
+        assert!(!b.open(), "two intervals after a failure it lets a call try again");
+    }
+
+    fn key(status: KeyStatus, expires_at: Option<DateTime<Utc>>) -> ApiKey {
+        let now = Utc::now();
+        ApiKey {
+            id: "0123456789ABCDEF".into(),
+            prefix: "tk_live_0123".into(),
+            organization_id: "acme".into(),
+            name: "ci".into(),
+            scopes: vec!["api_keys.read".into(), "fleet.read".into()],
+            status,
+            created_by: "alice".into(),
+            created_at: now,
+            last_used_at: None,
+            expires_at,
+            environment: Environment::Live,
+        }
+    }
+
+    #[test]
+    fn decide_checks_status_then_expiry_then_organization_then_scopes() {
+        let now = Utc::now();
+        let past = Some(now - chrono::Duration::seconds(1));
+        let need = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let active = key(KeyStatus::Active, None);
+        assert_eq!(decide(&active, &need(&["fleet.read"]), Some("acme"), now), Ok(()));
+        assert_eq!(decide(&active, &[], None, now), Ok(()));
+        assert_eq!(decide(&active, &[], Some("other"), now), Err(Denial::WrongOrganization));
+        assert_eq!(
+            decide(&active, &need(&["fleet.read", "audit.export"]), Some("acme"), now),
+            Err(Denial::InsufficientScope(need(&["audit.export"])))
+        );
+        // Earlier checks win over later ones.
+        assert_eq!(
+            decide(&key(KeyStatus::Active, past), &need(&["audit.export"]), Some("x"), now),
+            Err(Denial::Expired)
+        );
+        assert_eq!(decide(&key(KeyStatus::Disabled, past), &[], None, now), Err(Denial::Disabled));
+        assert_eq!(decide(&key(KeyStatus::Revoked, past), &[], None, now), Err(Denial::Revoked));
+        // Expiry is inclusive: at the instant itself the key is expired.
+        assert_eq!(decide(&key(KeyStatus::Active, Some(now)), &[], None, now), Err(Denial::Expired));
+    }
+
+    #[test]
+    fn every_denial_round_trips_through_its_wire_code_and_is_labelled_by_its_name() {
+        let all = [
+            Denial::Malformed,
+            Denial::NotFound,
+            Denial::Revoked,
+            Denial::Disabled,
+            Denial::Expired,
+            Denial::WrongOrganization,
+            Denial::InsufficientScope(vec!["audit.export".into()]),
+        ];
+        for d in all {
+            let missing = match &d {
+                Denial::InsufficientScope(m) => m.clone(),
+                _ => vec![],
+            };
+            assert_eq!(Denial::from_code(d.code(), missing).as_ref(), Some(&d));
+            let wire = d.code().as_str_name().trim_start_matches("VERIFY_CODE_").to_lowercase();
+            assert_eq!(d.label(), wire);
+            assert!(d.reason().starts_with("the API key "), "{}", d.reason());
+        }
+        assert_eq!(Denial::from_code(VerifyCode::Valid, vec![]), None);
+        assert_eq!(code_label(VerifyCode::Valid), "valid");
+        assert!(Denial::InsufficientScope(vec!["a.b".into()]).reason().ends_with("a.b"));
     }
 }
