@@ -146,30 +146,59 @@ pub async fn connect(dsn: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
     }
 }
 
-/// Maps a sqlx error that is not a "no rows" or constraint case: connection
-/// trouble is retryable UNAVAILABLE, anything else is internal.
-pub(crate) fn db_error(err: sqlx::Error) -> Error {
-    match err {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::WorkerCrashed => Error::unavailable(err),
-        sqlx::Error::Database(ref db)
-            // 57014 query_canceled (statement timeout), 57P01..03 shutdown, 53300 too many
-            // connections, 08xxx connection exceptions, 55000 database not accepting connections.
-            if db.code().is_some_and(|c| {
-                c == "57014" || c.starts_with("57P") || c == "53300" || c.starts_with("08") || c == "55000"
-            }) =>
-        {
-            Error::unavailable(err)
-        }
-        other => Error::internal(other),
+/// Connection trouble is a retryable UNAVAILABLE, anything else internal.
+/// What counts as trouble for a database error is each backend's call
+/// (`postgres::is_retryable`, `sqlite::is_retryable`): SQLSTATEs mean
+/// nothing to SQLite, and `SQLITE_BUSY` nothing to PostgreSQL.
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        let retryable = match &err {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => postgres::is_retryable(db.as_ref()) || sqlite::is_retryable(db.as_ref()),
+            _ => false,
+        };
+        if retryable { Error::unavailable(err) } else { Error::internal(err) }
     }
 }
 
-pub(crate) fn revoked_precondition(id: &str) -> Error {
+/// A text column decoded into a domain enum; an unknown value is a corrupt
+/// (or newer) database, INTERNAL.
+pub(crate) fn stored<T>(what: &str, value: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T> {
+    parse(value).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown {what} {value:?} in store")))
+}
+
+pub(crate) fn plan_from(value: &str) -> Result<Plan> {
+    stored("plan", value, Plan::parse)
+}
+
+// The business rules both backends apply, written once.
+
+/// A plan's key limit, checked against the keys that count (active and
+/// disabled) inside the creating transaction.
+pub(crate) fn check_key_limit(plan: Plan, counted: i64) -> Result<()> {
+    match plan.key_limit() {
+        Some(limit) if counted >= limit => Err(Error::LimitExceeded { plan, limit }),
+        _ => Ok(()),
+    }
+}
+
+/// The audit action of a new key: the operator's `bootstrap` command is
+/// told apart from CreateKey calls.
+pub(crate) fn created_action(audit: &AuditContext) -> AuditAction {
+    if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated }
+}
+
+/// Revocation is permanent: a revoked key's status cannot change.
+pub(crate) fn ensure_not_revoked(key: &ApiKey) -> Result<()> {
+    if key.status == KeyStatus::Revoked { Err(revoked_precondition(&key.id)) } else { Ok(()) }
+}
+
+fn revoked_precondition(id: &str) -> Error {
     Error::FailedPrecondition(format!(
         "key {id} is revoked: revocation is permanent, so its status cannot change; create a new key instead"
     ))

@@ -1,6 +1,9 @@
 //! PostgreSQL backend: the production store, shared by every replica.
 
-use super::{AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{
+    AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked,
+    merge_usage, plan_from, stored,
+};
 use crate::{
     domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
@@ -11,7 +14,7 @@ use crate::{
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use sqlx::{
-    PgPool, Row,
+    FromRow, PgPool, Row,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow},
 };
 use std::{str::FromStr, sync::Arc, time::Duration};
@@ -43,8 +46,7 @@ impl PostgresStore {
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
             .connect_with(conn)
-            .await
-            .map_err(db_error)?;
+            .await?;
         // sqlx holds a PostgreSQL advisory lock while migrating, so replicas
         // starting together on an empty database migrate exactly once.
         MIGRATOR.run(&pool).await.map_err(Error::internal)?;
@@ -52,28 +54,48 @@ impl PostgresStore {
     }
 }
 
+/// A key row as PostgreSQL returns it: native timestamps and a text array.
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    organization_id: String,
+    name: String,
+    prefix: String,
+    status: String,
+    scopes: Vec<String>,
+    created_by: String,
+    created_at: DateTime<Utc>,
+    last_used_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    environment: String,
+}
+
 fn key_from_row(row: &PgRow) -> Result<ApiKey> {
-    let status: String = row.try_get("status").map_err(db_error)?;
-    let env: String = row.try_get("environment").map_err(db_error)?;
+    let r = KeyRow::from_row(row)?;
     Ok(ApiKey {
-        id: row.try_get("id").map_err(db_error)?,
-        organization_id: row.try_get("organization_id").map_err(db_error)?,
-        name: row.try_get("name").map_err(db_error)?,
-        prefix: row.try_get("prefix").map_err(db_error)?,
-        status: KeyStatus::parse(&status)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown status {status:?} in store")))?,
-        scopes: row.try_get("scopes").map_err(db_error)?,
-        created_by: row.try_get("created_by").map_err(db_error)?,
-        created_at: row.try_get("created_at").map_err(db_error)?,
-        last_used_at: row.try_get("last_used_at").map_err(db_error)?,
-        expires_at: row.try_get("expires_at").map_err(db_error)?,
-        environment: Environment::parse(&env)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown environment {env:?} in store")))?,
+        id: r.id,
+        organization_id: r.organization_id,
+        name: r.name,
+        prefix: r.prefix,
+        status: stored("status", &r.status, KeyStatus::parse)?,
+        scopes: r.scopes,
+        created_by: r.created_by,
+        created_at: r.created_at,
+        last_used_at: r.last_used_at,
+        expires_at: r.expires_at,
+        environment: stored("environment", &r.environment, Environment::parse)?,
     })
 }
 
-fn plan_from(s: &str) -> Result<Plan> {
-    Plan::parse(s).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown plan {s:?} in store")))
+/// PostgreSQL's retryable errors, by SQLSTATE: 57014 query_canceled (the
+/// statement timeout), 57P01..03 shutdown, 53300 too many connections, 08xxx
+/// connection exceptions, 55000 object not in prerequisite state (not
+/// accepting connections).
+pub(super) fn is_retryable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some_and(|e| {
+        let c = e.code();
+        c == "57014" || c.starts_with("57P") || c == "53300" || c.starts_with("08") || c == "55000"
+    })
 }
 
 #[async_trait]
@@ -87,24 +109,22 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
     async fn create_key(&self, key: NewKey, audit: &AuditContext) -> Result<ApiKey> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         let plan = lock_organization(&mut tx, &key.organization_id).await?;
-        if let Some(limit) = plan.key_limit() {
+        // An unlimited plan needs no count.
+        if plan.key_limit().is_some() {
             let counted: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND status IN ('active', 'disabled')",
             )
             .bind(&key.organization_id)
             .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if counted >= limit {
-                return Err(Error::LimitExceeded { plan, limit });
-            }
+            .await?;
+            check_key_limit(plan, counted)?;
         }
         let row = sqlx::query(concat!(
             "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
@@ -129,17 +149,16 @@ impl Store for PostgresStore {
             sqlx::Error::Database(ref d) if d.is_unique_violation() => {
                 Error::internal(anyhow::anyhow!("key id collision; retry"))
             }
-            e => db_error(e),
+            e => Error::from(e),
         })?;
         sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = now() WHERE id = $1")
             .bind(&key.organization_id)
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            .await?;
         let created = key_from_row(&row)?;
-        let action = if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated };
+        let action = created_action(audit);
         append_audit(&mut tx, &AuditRecord::for_key(action, &created, None, Some(KeyStatus::Active), audit)).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(created)
     }
 
@@ -147,8 +166,7 @@ impl Store for PostgresStore {
         let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
@@ -157,16 +175,12 @@ impl Store for PostgresStore {
             sqlx::query(concat!("SELECT ", key_columns!(), ", secret_hash, pepper_id FROM api_keys WHERE id = $1"))
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?;
+                .await?;
         match row {
             None => Ok(None),
             Some(r) => Ok(Some((
                 key_from_row(&r)?,
-                StoredHash {
-                    phc: r.try_get("secret_hash").map_err(db_error)?,
-                    pepper_id: r.try_get("pepper_id").map_err(db_error)?,
-                },
+                StoredHash { phc: r.try_get("secret_hash")?, pepper_id: r.try_get("pepper_id")? },
             ))),
         }
     }
@@ -179,8 +193,7 @@ impl Store for PostgresStore {
                 .bind(&new.phc)
                 .bind(&new.pepper_id)
                 .execute(&self.pool)
-                .await
-                .map_err(db_error)?;
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -210,19 +223,16 @@ impl Store for PostgresStore {
         .bind(limit as i64)
         .bind(filter.environment.map(Environment::as_str))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
     async fn set_status(&self, id: &str, status: KeyStatus, audit: &AuditContext) -> Result<Option<ApiKey>> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         let Some(before) = lock_key(&mut tx, id).await? else {
             return Ok(None);
         };
-        if before.status == KeyStatus::Revoked {
-            return Err(revoked_precondition(id));
-        }
+        ensure_not_revoked(&before)?;
         let row = sqlx::query(concat!(
             "UPDATE api_keys SET status = $2, updated_at = now() WHERE id = $1 RETURNING ",
             key_columns!()
@@ -230,19 +240,18 @@ impl Store for PostgresStore {
         .bind(id)
         .bind(status.as_str())
         .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let key = key_from_row(&row)?;
         let record =
             AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
         append_audit(&mut tx, &record).await?;
         notify_change(&mut tx, id).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(Some(key))
     }
 
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         let Some(before) = lock_key(&mut tx, id).await? else {
             return Ok(None);
         };
@@ -252,27 +261,26 @@ impl Store for PostgresStore {
         ))
         .bind(id)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let key = key_from_row(&row)?;
         let record =
             AuditRecord::for_key(AuditAction::KeyRevoked, &key, Some(before.status), Some(KeyStatus::Revoked), audit);
         append_audit(&mut tx, &record).await?;
         notify_change(&mut tx, id).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(Some(key))
     }
 
     async fn delete_key(&self, id: &str, audit: &AuditContext) -> Result<bool> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         let Some(before) = lock_key(&mut tx, id).await? else {
             return Ok(false);
         };
-        sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *tx).await.map_err(db_error)?;
+        sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *tx).await?;
         let record = AuditRecord::for_key(AuditAction::KeyDeleted, &before, Some(before.status), None, audit);
         append_audit(&mut tx, &record).await?;
         notify_change(&mut tx, id).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(true)
     }
 
@@ -280,22 +288,20 @@ impl Store for PostgresStore {
         let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
+            .await?;
         Ok(Organization { id: id.to_owned(), plan: plan.as_deref().map(plan_from).transpose()?.unwrap_or_default() })
     }
 
     async fn set_plan(&self, id: &str, plan: Plan, audit: &AuditContext) -> Result<Organization> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut tx = self.pool.begin().await?;
         let before = lock_organization(&mut tx, id).await?;
         sqlx::query("UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1")
             .bind(id)
             .bind(plan.as_str())
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            .await?;
         append_audit(&mut tx, &AuditRecord::for_plan(id, before, plan, audit)).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(Organization { id: id.to_owned(), plan })
     }
 
@@ -324,15 +330,12 @@ impl Store for PostgresStore {
         .bind(before_id)
         .bind(limit as i64)
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         rows.iter()
             .map(|r| {
-                AuditRecord::event_from(
-                    r.try_get("id").map_err(db_error)?,
-                    r.try_get("occurred_at").map_err(db_error)?,
-                    |c| r.try_get::<Option<String>, _>(c).map_err(db_error),
-                )
+                AuditRecord::event_from(r.try_get("id")?, r.try_get("occurred_at")?, |c| {
+                    r.try_get::<Option<String>, _>(c).map_err(Error::from)
+                })
             })
             .collect()
     }
@@ -354,18 +357,17 @@ impl Store for PostgresStore {
         // Buckets are minute-aligned: a bucket counts when any of it lies in the window.
         .bind(now - ChronoDuration::hours(24) - ChronoDuration::minutes(1))
         .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let Some(row) = row else {
             return Ok(KeyStats::unseen());
         };
-        let plan: String = row.try_get("plan").map_err(db_error)?;
+        let plan: String = row.try_get("plan")?;
         Ok(KeyStats {
-            total_keys: row.try_get("keys_created").map_err(db_error)?,
-            active_keys: row.try_get("active_keys").map_err(db_error)?,
-            keys_counted: row.try_get("keys_counted").map_err(db_error)?,
-            api_calls_24h: row.try_get("calls").map_err(db_error)?,
-            last_call_at: row.try_get("last_call_at").map_err(db_error)?,
+            total_keys: row.try_get("keys_created")?,
+            active_keys: row.try_get("active_keys")?,
+            keys_counted: row.try_get("keys_counted")?,
+            api_calls_24h: row.try_get("calls")?,
+            last_call_at: row.try_get("last_call_at")?,
             plan: plan_from(&plan)?,
         })
     }
@@ -406,17 +408,12 @@ impl Store for PostgresStore {
         .bind(&calls)
         .bind(&last)
         .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         Ok(())
     }
 
     async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM usage_minutes WHERE minute < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let done = sqlx::query("DELETE FROM usage_minutes WHERE minute < $1").bind(before).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 
@@ -486,13 +483,11 @@ async fn lock_organization(tx: &mut sqlx::PgConnection, id: &str) -> Result<Plan
     sqlx::query("INSERT INTO organizations (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
         .bind(id)
         .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
     let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1 FOR UPDATE")
         .bind(id)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
     plan_from(&plan)
 }
 
@@ -501,8 +496,7 @@ async fn lock_key(tx: &mut sqlx::PgConnection, id: &str) -> Result<Option<ApiKey
     let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1 FOR UPDATE"))
         .bind(id)
         .fetch_optional(tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
     row.as_ref().map(key_from_row).transpose()
 }
 
@@ -524,14 +518,13 @@ async fn append_audit(tx: &mut sqlx::PgConnection, r: &AuditRecord<'_>) -> Resul
     .bind(r.ctx.peer.as_deref())
     .bind(r.detail.as_deref())
     .execute(tx)
-    .await
-    .map_err(db_error)?;
+    .await?;
     Ok(())
 }
 
 /// Queues a change notice in `tx`: PostgreSQL delivers it on commit only,
 /// so replicas hear of exactly the changes that happened.
 async fn notify_change(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(id).execute(tx).await.map_err(db_error)?;
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(id).execute(tx).await?;
     Ok(())
 }

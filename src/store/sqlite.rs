@@ -2,7 +2,10 @@
 //! no setup. One process owns the file; writes that must be serialized (the
 //! plan-limit check) take SQLite's write lock up front with `BEGIN IMMEDIATE`.
 
-use super::{AuditRecord, PoolStats, Store, StoreOptions, db_error, merge_usage, revoked_precondition};
+use super::{
+    AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked, merge_usage,
+    plan_from, stored,
+};
 use crate::{
     domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
@@ -13,7 +16,7 @@ use crate::{
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use sqlx::{
-    Row, SqlitePool,
+    FromRow, Row, SqlitePool,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
 };
 use std::{str::FromStr, time::Duration};
@@ -68,8 +71,7 @@ impl SqliteStore {
             .max_connections(opts.max_connections.min(8))
             .acquire_timeout(opts.acquire_timeout)
             .connect_with(conn)
-            .await
-            .map_err(db_error)?;
+            .await?;
         // SQLite's migrator takes no lock: when several processes open a new
         // file at once, the losers fail on "already exists". Running again
         // finds the winner's migrations applied.
@@ -122,29 +124,46 @@ fn create_private(path: &std::path::Path) -> Result<()> {
     }
 }
 
+/// A key row as SQLite stores it: timestamps as microseconds since the
+/// epoch, scopes space-separated (no arrays in SQLite).
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: String,
+    organization_id: String,
+    name: String,
+    prefix: String,
+    status: String,
+    scopes: String,
+    created_by: String,
+    created_at: i64,
+    last_used_at: Option<i64>,
+    expires_at: Option<i64>,
+    environment: String,
+}
+
 fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
-    let status: String = row.try_get("status").map_err(db_error)?;
-    let env: String = row.try_get("environment").map_err(db_error)?;
-    let scopes: String = row.try_get("scopes").map_err(db_error)?;
+    let r = KeyRow::from_row(row)?;
     Ok(ApiKey {
-        id: row.try_get("id").map_err(db_error)?,
-        organization_id: row.try_get("organization_id").map_err(db_error)?,
-        name: row.try_get("name").map_err(db_error)?,
-        prefix: row.try_get("prefix").map_err(db_error)?,
-        status: KeyStatus::parse(&status)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown status {status:?} in store")))?,
-        scopes: scopes.split_whitespace().map(str::to_owned).collect(),
-        created_by: row.try_get("created_by").map_err(db_error)?,
-        created_at: from_micros(row.try_get("created_at").map_err(db_error)?)?,
-        last_used_at: opt_from_micros(row.try_get("last_used_at").map_err(db_error)?)?,
-        expires_at: opt_from_micros(row.try_get("expires_at").map_err(db_error)?)?,
-        environment: Environment::parse(&env)
-            .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown environment {env:?} in store")))?,
+        id: r.id,
+        organization_id: r.organization_id,
+        name: r.name,
+        prefix: r.prefix,
+        status: stored("status", &r.status, KeyStatus::parse)?,
+        scopes: r.scopes.split_whitespace().map(str::to_owned).collect(),
+        created_by: r.created_by,
+        created_at: from_micros(r.created_at)?,
+        last_used_at: opt_from_micros(r.last_used_at)?,
+        expires_at: opt_from_micros(r.expires_at)?,
+        environment: stored("environment", &r.environment, Environment::parse)?,
     })
 }
 
-fn plan_from(s: &str) -> Result<Plan> {
-    Plan::parse(s).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown plan {s:?} in store")))
+/// SQLite's retryable errors: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with
+/// their extended codes (the primary code is the low byte), when another
+/// connection holds the lock past the busy timeout.
+pub(super) fn is_retryable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+        && db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6))
 }
 
 #[async_trait]
@@ -158,32 +177,30 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_error)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
     async fn create_key(&self, key: NewKey, audit: &AuditContext) -> Result<ApiKey> {
         // IMMEDIATE takes the write lock now, so the count and the insert
         // below see no concurrent create in between.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_micros();
         let plan = ensure_organization(&mut tx, &key.organization_id, now).await?;
-        if let Some(limit) = plan.key_limit() {
+        // An unlimited plan needs no count.
+        if plan.key_limit().is_some() {
             let counted: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM api_keys WHERE organization_id = ?1 AND status IN ('active', 'disabled')",
+                "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND status IN ('active', 'disabled')",
             )
             .bind(&key.organization_id)
             .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if counted >= limit {
-                return Err(Error::LimitExceeded { plan, limit });
-            }
+            .await?;
+            check_key_limit(plan, counted)?;
         }
         let row = sqlx::query(concat!(
             "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
              created_at, expires_at, environment, secret_hash, pepper_id, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING ",
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
             key_columns!()
         ))
         .bind(&key.id)
@@ -204,60 +221,53 @@ impl Store for SqliteStore {
             sqlx::Error::Database(ref d) if d.is_unique_violation() => {
                 Error::internal(anyhow::anyhow!("key id collision; retry"))
             }
-            e => db_error(e),
+            e => Error::from(e),
         })?;
-        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = ?2 WHERE id = ?1")
+        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
             .bind(&key.organization_id)
             .bind(now)
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            .await?;
         let created = key_from_row(&row)?;
-        let action = if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated };
+        let action = created_action(audit);
         append_audit(&mut tx, &AuditRecord::for_key(action, &created, None, Some(KeyStatus::Active), audit), now)
             .await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(created)
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>> {
-        let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = ?1"))
+        let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
+            .await?;
         row.as_ref().map(key_from_row).transpose()
     }
 
     async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>> {
         let row =
-            sqlx::query(concat!("SELECT ", key_columns!(), ", secret_hash, pepper_id FROM api_keys WHERE id = ?1"))
+            sqlx::query(concat!("SELECT ", key_columns!(), ", secret_hash, pepper_id FROM api_keys WHERE id = $1"))
                 .bind(id)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(db_error)?;
+                .await?;
         match row {
             None => Ok(None),
             Some(r) => Ok(Some((
                 key_from_row(&r)?,
-                StoredHash {
-                    phc: r.try_get("secret_hash").map_err(db_error)?,
-                    pepper_id: r.try_get("pepper_id").map_err(db_error)?,
-                },
+                StoredHash { phc: r.try_get("secret_hash")?, pepper_id: r.try_get("pepper_id")? },
             ))),
         }
     }
 
     async fn replace_hash(&self, id: &str, old: &StoredHash, new: &StoredHash) -> Result<bool> {
         let done =
-            sqlx::query("UPDATE api_keys SET secret_hash = ?3, pepper_id = ?4 WHERE id = ?1 AND secret_hash = ?2")
+            sqlx::query("UPDATE api_keys SET secret_hash = $3, pepper_id = $4 WHERE id = $1 AND secret_hash = $2")
                 .bind(id)
                 .bind(&old.phc)
                 .bind(&new.phc)
                 .bind(&new.pepper_id)
                 .execute(&self.pool)
-                .await
-                .map_err(db_error)?;
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -272,12 +282,12 @@ impl Store for SqliteStore {
             "SELECT ",
             key_columns!(),
             " FROM api_keys \
-             WHERE organization_id = ?1 \
-               AND (?2 IS NULL OR status = ?2) \
-               AND (?3 IS NULL OR created_by = ?3) \
-               AND (?4 IS NULL OR created_at < ?4 OR (created_at = ?4 AND id < ?5)) \
-               AND (?7 IS NULL OR environment = ?7) \
-             ORDER BY created_at DESC, id DESC LIMIT ?6"
+             WHERE organization_id = $1 \
+               AND ($2 IS NULL OR status = $2) \
+               AND ($3 IS NULL OR created_by = $3) \
+               AND ($4 IS NULL OR created_at < $4 OR (created_at = $4 AND id < $5)) \
+               AND ($7 IS NULL OR environment = $7) \
+             ORDER BY created_at DESC, id DESC LIMIT $6"
         ))
         .bind(organization_id)
         .bind(filter.status.map(KeyStatus::as_str))
@@ -287,95 +297,88 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .bind(filter.environment.map(Environment::as_str))
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         rows.iter().map(key_from_row).collect()
     }
 
     async fn set_status(&self, id: &str, status: KeyStatus, audit: &AuditContext) -> Result<Option<ApiKey>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let Some(before) = read_key(&mut tx, id).await? else {
             return Ok(None);
         };
-        if before.status == KeyStatus::Revoked {
-            return Err(revoked_precondition(id));
-        }
+        ensure_not_revoked(&before)?;
         let now = now_micros();
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET status = ?2, updated_at = ?3 WHERE id = ?1 RETURNING ",
+            "UPDATE api_keys SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
         .bind(status.as_str())
         .bind(now)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let key = key_from_row(&row)?;
         let record =
             AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
         append_audit(&mut tx, &record, now).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(Some(key))
     }
 
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let Some(before) = read_key(&mut tx, id).await? else {
             return Ok(None);
         };
         let now = now_micros();
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET status = 'revoked', updated_at = ?2 WHERE id = ?1 RETURNING ",
+            "UPDATE api_keys SET status = 'revoked', updated_at = $2 WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
         .bind(now)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let key = key_from_row(&row)?;
         let record =
             AuditRecord::for_key(AuditAction::KeyRevoked, &key, Some(before.status), Some(KeyStatus::Revoked), audit);
         append_audit(&mut tx, &record, now).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(Some(key))
     }
 
     async fn delete_key(&self, id: &str, audit: &AuditContext) -> Result<bool> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let Some(before) = read_key(&mut tx, id).await? else {
             return Ok(false);
         };
-        sqlx::query("DELETE FROM api_keys WHERE id = ?1").bind(id).execute(&mut *tx).await.map_err(db_error)?;
+        sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *tx).await?;
         let record = AuditRecord::for_key(AuditAction::KeyDeleted, &before, Some(before.status), None, audit);
         append_audit(&mut tx, &record, now_micros()).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(true)
     }
 
     async fn get_organization(&self, id: &str) -> Result<Organization> {
-        let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
+        let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(db_error)?;
+            .await?;
         Ok(Organization { id: id.to_owned(), plan: plan.as_deref().map(plan_from).transpose()?.unwrap_or_default() })
     }
 
     async fn set_plan(&self, id: &str, plan: Plan, audit: &AuditContext) -> Result<Organization> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_micros();
         let before = ensure_organization(&mut tx, id, now).await?;
-        sqlx::query("UPDATE organizations SET plan = ?2, updated_at = ?3 WHERE id = ?1")
+        sqlx::query("UPDATE organizations SET plan = $2, updated_at = $3 WHERE id = $1")
             .bind(id)
             .bind(plan.as_str())
             .bind(now)
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            .await?;
         append_audit(&mut tx, &AuditRecord::for_plan(id, before, plan, audit), now).await?;
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(Organization { id: id.to_owned(), plan })
     }
 
@@ -390,12 +393,12 @@ impl Store for SqliteStore {
             "SELECT id, occurred_at, organization_id, actor, principal, action, key_id, key_prefix, \
                status_before, status_after, request_id, peer, detail \
              FROM audit_events \
-             WHERE organization_id = ?1 \
-               AND (?2 IS NULL OR occurred_at >= ?2) \
-               AND (?3 IS NULL OR occurred_at < ?3) \
-               AND (?4 IS NULL OR action = ?4) \
-               AND (?5 IS NULL OR id < ?5) \
-             ORDER BY id DESC LIMIT ?6",
+             WHERE organization_id = $1 \
+               AND ($2 IS NULL OR occurred_at >= $2) \
+               AND ($3 IS NULL OR occurred_at < $3) \
+               AND ($4 IS NULL OR action = $4) \
+               AND ($5 IS NULL OR id < $5) \
+             ORDER BY id DESC LIMIT $6",
         )
         .bind(organization_id)
         .bind(filter.since.map(micros))
@@ -404,15 +407,12 @@ impl Store for SqliteStore {
         .bind(before_id)
         .bind(limit as i64)
         .fetch_all(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         rows.iter()
             .map(|r| {
-                AuditRecord::event_from(
-                    r.try_get("id").map_err(db_error)?,
-                    from_micros(r.try_get("occurred_at").map_err(db_error)?)?,
-                    |c| r.try_get::<Option<String>, _>(c).map_err(db_error),
-                )
+                AuditRecord::event_from(r.try_get("id")?, from_micros(r.try_get("occurred_at")?)?, |c| {
+                    r.try_get::<Option<String>, _>(c).map_err(Error::from)
+                })
             })
             .collect()
     }
@@ -422,29 +422,28 @@ impl Store for SqliteStore {
             "SELECT \
                o.plan, o.keys_created, o.last_call_at, \
                (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id AND k.status = 'active' \
-                  AND (k.expires_at IS NULL OR k.expires_at > ?2)) AS active_keys, \
+                  AND (k.expires_at IS NULL OR k.expires_at > $2)) AS active_keys, \
                (SELECT count(*) FROM api_keys k WHERE k.organization_id = o.id \
                   AND k.status IN ('active', 'disabled')) AS keys_counted, \
                (SELECT coalesce(sum(u.calls), 0) FROM usage_minutes u \
-                  WHERE u.organization_id = o.id AND u.minute > ?3) AS calls \
-             FROM organizations o WHERE o.id = ?1",
+                  WHERE u.organization_id = o.id AND u.minute > $3) AS calls \
+             FROM organizations o WHERE o.id = $1",
         )
         .bind(organization_id)
         .bind(micros(now))
         .bind(micros(now - ChronoDuration::hours(24) - ChronoDuration::minutes(1)))
         .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
+        .await?;
         let Some(row) = row else {
             return Ok(KeyStats::unseen());
         };
-        let plan: String = row.try_get("plan").map_err(db_error)?;
+        let plan: String = row.try_get("plan")?;
         Ok(KeyStats {
-            total_keys: row.try_get("keys_created").map_err(db_error)?,
-            active_keys: row.try_get("active_keys").map_err(db_error)?,
-            keys_counted: row.try_get("keys_counted").map_err(db_error)?,
-            api_calls_24h: row.try_get("calls").map_err(db_error)?,
-            last_call_at: opt_from_micros(row.try_get("last_call_at").map_err(db_error)?)?,
+            total_keys: row.try_get("keys_created")?,
+            active_keys: row.try_get("active_keys")?,
+            keys_counted: row.try_get("keys_counted")?,
+            api_calls_24h: row.try_get("calls")?,
+            last_call_at: opt_from_micros(row.try_get("last_call_at")?)?,
             plan: plan_from(&plan)?,
         })
     }
@@ -456,11 +455,11 @@ impl Store for SqliteStore {
         let batch = merge_usage(batch);
         // One transaction per flush: an embedded file has no network round
         // trips to save, only fsyncs.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for d in &batch {
             sqlx::query(
                 "INSERT INTO usage_minutes (key_id, organization_id, minute, calls, last_used_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (key_id, minute) DO UPDATE \
                    SET calls = calls + excluded.calls, \
                        last_used_at = max(last_used_at, excluded.last_used_at)",
@@ -471,31 +470,25 @@ impl Store for SqliteStore {
             .bind(d.calls)
             .bind(micros(d.last_used_at))
             .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            sqlx::query("UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), ?2) WHERE id = ?1")
+            .await?;
+            sqlx::query("UPDATE api_keys SET last_used_at = max(coalesce(last_used_at, 0), $2) WHERE id = $1")
                 .bind(&d.key_id)
                 .bind(micros(d.last_used_at))
                 .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            sqlx::query("UPDATE organizations SET last_call_at = max(coalesce(last_call_at, 0), ?2) WHERE id = ?1")
+                .await?;
+            sqlx::query("UPDATE organizations SET last_call_at = max(coalesce(last_call_at, 0), $2) WHERE id = $1")
                 .bind(&d.organization_id)
                 .bind(micros(d.last_used_at))
                 .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
+                .await?;
         }
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn prune_usage(&self, before: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM usage_minutes WHERE minute < ?1")
-            .bind(micros(before))
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?;
+        let done =
+            sqlx::query("DELETE FROM usage_minutes WHERE minute < $1").bind(micros(before)).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 }
@@ -504,27 +497,22 @@ impl Store for SqliteStore {
 /// Callers hold the write lock (`BEGIN IMMEDIATE`).
 async fn ensure_organization(tx: &mut sqlx::SqliteConnection, id: &str, now: i64) -> Result<Plan> {
     sqlx::query(
-        "INSERT INTO organizations (id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO organizations (id, created_at, updated_at) VALUES ($1, $2, $2) ON CONFLICT (id) DO NOTHING",
     )
     .bind(id)
     .bind(now)
     .execute(&mut *tx)
-    .await
-    .map_err(db_error)?;
-    let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = ?1")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    .await?;
+    let plan: String =
+        sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1").bind(id).fetch_one(&mut *tx).await?;
     plan_from(&plan)
 }
 
 async fn read_key(tx: &mut sqlx::SqliteConnection, id: &str) -> Result<Option<ApiKey>> {
-    let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = ?1"))
+    let row = sqlx::query(concat!("SELECT ", key_columns!(), " FROM api_keys WHERE id = $1"))
         .bind(id)
         .fetch_optional(tx)
-        .await
-        .map_err(db_error)?;
+        .await?;
     row.as_ref().map(key_from_row).transpose()
 }
 
@@ -532,7 +520,7 @@ async fn append_audit(tx: &mut sqlx::SqliteConnection, r: &AuditRecord<'_>, now:
     sqlx::query(
         "INSERT INTO audit_events (occurred_at, organization_id, actor, principal, action, key_id, \
            key_prefix, status_before, status_after, request_id, peer, detail) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(now)
     .bind(r.organization_id)
@@ -547,7 +535,34 @@ async fn append_audit(tx: &mut sqlx::SqliteConnection, r: &AuditRecord<'_>, now:
     .bind(r.ctx.peer.as_deref())
     .bind(r.detail.as_deref())
     .execute(tx)
-    .await
-    .map_err(db_error)?;
+    .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that finds the database locked past the busy timeout is
+    /// SQLITE_BUSY: retryable UNAVAILABLE, not INTERNAL.
+    #[tokio::test]
+    async fn a_locked_database_is_unavailable_not_internal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("busy.db").display());
+        let opts =
+            |busy: Duration| SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true).busy_timeout(busy);
+        let holder =
+            SqlitePoolOptions::new().max_connections(1).connect_with(opts(Duration::from_secs(5))).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)").execute(&holder).await.unwrap();
+        let mut lock = holder.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)").execute(&mut *lock).await.unwrap();
+
+        let other = SqlitePoolOptions::new().max_connections(1).connect_with(opts(Duration::ZERO)).await.unwrap();
+        let err = sqlx::query("INSERT INTO t VALUES (2)").execute(&other).await.unwrap_err();
+        assert!(matches!(Error::from(err), Error::Unavailable { .. }));
+        lock.rollback().await.unwrap();
+
+        let not_retryable = sqlx::query("INSERT INTO missing VALUES (1)").execute(&other).await.unwrap_err();
+        assert!(matches!(Error::from(not_retryable), Error::Internal(_)));
+    }
 }
