@@ -248,7 +248,10 @@ impl VerifyCache {
         self.notices_flowing.store(flowing, Ordering::Release);
     }
 
+    /// Verified keys cached (the `cache_entries` gauge), with moka's pending
+    /// bookkeeping applied first so the figure is current.
     pub fn entry_count(&self) -> u64 {
+        self.positive.run_pending_tasks();
         self.positive.entry_count()
     }
 }
@@ -354,6 +357,16 @@ mod tests {
         c.remove("id2");
         c.insert_record("id2", None, epoch);
         assert!(c.record("id2").is_none());
+    }
+
+    #[test]
+    fn entry_count_counts_verified_keys() {
+        let c = VerifyCache::new(CacheSettings::default());
+        assert_eq!(c.entry_count(), 0);
+        for k in ["k1", "k2", "k3"] {
+            c.insert(c.fingerprint(k), key(k), c.epoch(k));
+        }
+        assert_eq!(c.entry_count(), 3);
     }
 
     #[test]
