@@ -121,6 +121,16 @@ impl StoreArgs {
 }
 
 impl ServeArgs {
+    /// What `takumo-keys serve` runs with given no flags and no environment:
+    /// every default from its one source, environment variables ignored. For
+    /// tests and embedders, who then override what they need.
+    pub fn defaults() -> Self {
+        use clap::FromArgMatches;
+        let cmd = Self::augment_args(clap::Command::new("takumo-keys")).mut_args(|a| a.env(None));
+        let matches = cmd.try_get_matches_from(["takumo-keys"]).expect("the defaults parse");
+        Self::from_arg_matches(&matches).expect("the defaults are valid settings")
+    }
+
     pub fn cache_settings(&self) -> CacheSettings {
         CacheSettings {
             capacity: self.cache_capacity,
@@ -243,4 +253,20 @@ pub struct BootstrapArgs {
     pub name: String,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_each_settings_one_source() {
+        let d = ServeArgs::defaults();
+        assert_eq!(d.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(d.store.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(d.cache_settings().freshness, CacheSettings::default().freshness);
+        assert_eq!(d.store.store_options().statement_timeout, StoreOptions::default().statement_timeout);
+        assert_eq!(d.store.argon2_memory_kib, HashParams::default().memory_kib);
+        assert!(d.service_tokens.is_none() && d.store.pepper.is_none());
+    }
 }

@@ -67,28 +67,40 @@ impl SqliteStore {
         if !dsn.contains("mode=memory") {
             create_private(&path)?;
         }
+        // Processes opening a new file at once race: the connection's
+        // `journal_mode = WAL` needs a lock another opener may hold (SQLITE_BUSY,
+        // which the busy timeout does not cover), and SQLite's migrator takes
+        // no lock, so a loser fails on "already exists". Trying again finds
+        // the winner's work done.
+        let mut attempt = 0;
+        let pool = loop {
+            match Self::open_and_migrate(conn.clone(), opts).await {
+                Ok(pool) => break pool,
+                Err(e) if attempt < OPEN_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "opening the SQLite database raced another opener; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Self { pool })
+    }
+
+    async fn open_and_migrate(conn: SqliteConnectOptions, opts: &StoreOptions) -> Result<SqlitePool> {
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.min(8))
             .acquire_timeout(opts.acquire_timeout)
             .connect_with(conn)
             .await?;
-        // SQLite's migrator takes no lock: when several processes open a new
-        // file at once, the losers fail on "already exists". Running again
-        // finds the winner's migrations applied.
-        let mut attempt = 0;
-        loop {
-            match MIGRATOR.run(&pool).await {
-                Ok(()) => break,
-                Err(_) if attempt < 5 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                Err(e) => return Err(Error::internal(e)),
-            }
-        }
-        Ok(Self { pool })
+        MIGRATOR.run(&pool).await.map_err(Error::internal)?;
+        Ok(pool)
     }
 }
+
+/// Opening a new database file races other processes opening it (see
+/// `connect`); this many retries, 50 ms apart and growing, ride it out.
+const OPEN_ATTEMPTS: u32 = 10;
 
 /// Creates the database file owner-only (0600) before SQLite opens it: SQLite
 /// gives its `-wal` and `-shm` files the mode of the database file, so all

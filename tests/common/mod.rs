@@ -1,6 +1,5 @@
 //! Shared test harness: a fresh database per test (a PostgreSQL database or a
 //! SQLite file), and the real server on an ephemeral port with a tonic client.
-#![allow(dead_code)]
 
 pub mod cluster;
 
@@ -10,7 +9,7 @@ use takumo_keys::{
     domain::secret::SecretString,
     metrics::Metrics,
     proto::pb::api_key_service_client::ApiKeyServiceClient,
-    server::config::{LogFormat, ServeArgs, StoreArgs},
+    server::config::ServeArgs,
     server::startup::Application,
     store::{self, Store, StoreOptions},
     verify::usage::Usage,
@@ -139,39 +138,22 @@ pub async fn test_store(backend: Backend) -> TestStore {
 /// Arguments of a test server on `url`: cheap argon2 (the defaults are
 /// covered by their own test), a fixed pepper and one service token.
 pub fn serve_args(url: &str) -> ServeArgs {
-    ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        service_tokens: Some(SecretString::new(format!("dashboard={SERVICE_TOKEN}"))),
-        service_tokens_file: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_client_ca: None,
-        mtls_services: None,
-        usage_flush_interval_ms: 60_000,
-        cache_capacity: 10_000,
-        cache_freshness_ms: 30_000,
-        cache_stale_ms: 300_000,
-        negative_cache_ttl_ms: 30_000,
-        hash_queue: 1024,
-        max_request_bytes: takumo_keys::api::limits::DEFAULT_MAX_REQUEST_BYTES,
-        http2_max_concurrent_streams: takumo_keys::api::limits::DEFAULT_MAX_CONCURRENT_STREAMS,
-        metrics_listen: None,
-        shutdown_delay_ms: 0,
-        shutdown_timeout_ms: 5_000,
-        log_format: LogFormat::Text,
-        store: StoreArgs {
-            database_url: SecretString::new(url),
-            pepper: Some(SecretString::new(PEPPER)),
-            pepper_file: None,
-            previous_peppers: None,
-            argon2_memory_kib: 256,
-            argon2_iterations: 1,
-            argon2_parallelism: 1,
-            db_max_connections: 8,
-            db_acquire_timeout_ms: 5_000,
-            db_statement_timeout_ms: 5_000,
-        },
-    }
+    let mut a = ServeArgs::defaults();
+    a.listen = "127.0.0.1:0".parse().unwrap();
+    a.service_tokens = Some(SecretString::new(format!("dashboard={SERVICE_TOKEN}")));
+    // Usage is flushed when a test asks (or at shutdown), not on a timer.
+    a.usage_flush_interval_ms = 60_000;
+    a.cache_capacity = 10_000;
+    a.shutdown_timeout_ms = 5_000;
+    a.store.database_url = SecretString::new(url);
+    a.store.pepper = Some(SecretString::new(PEPPER));
+    // Cheap argon2: tests hash thousands of keys; the parameters' cost is
+    // the benchmarks' business.
+    a.store.argon2_memory_kib = 256;
+    a.store.argon2_iterations = 1;
+    a.store.argon2_parallelism = 1;
+    a.store.db_max_connections = 8;
+    a
 }
 
 /// The real server on an ephemeral port; stopped when dropped.

@@ -1,7 +1,7 @@
 //! End-to-end: the real server on an ephemeral port, a generated tonic
 //! client, and a real database of each backend.
 
-mod common;
+use crate::common;
 
 use common::{Backend, PEPPER, SERVICE_TOKEN, TestApp, as_service, with_bearer};
 use prost::Message;

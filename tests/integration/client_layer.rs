@@ -2,8 +2,8 @@
 //! in front of the downstream service of `examples/protected_service.rs` (the same code,
 //! included below) and in front of an axum router.
 
-mod common;
-#[path = "../examples/protected_service.rs"]
+use crate::common;
+#[path = "../../examples/protected_service.rs"]
 #[allow(dead_code)]
 mod protected_service;
 

@@ -1,7 +1,7 @@
 //! Running it in production: the metrics endpoint, health that follows the
 //! store, graceful shutdown on SIGTERM, and OpenTelemetry export.
 
-mod common;
+use crate::common;
 
 use common::{Backend, ServerProcess, TestApp, TestDb, as_service};
 use opentelemetry_proto::tonic::collector::trace::v1::{

@@ -2,7 +2,7 @@
 //! mid-write, a database too slow to answer, and races on one key (the
 //! plan-limit race is in `api.rs`). The outage tests run a PostgreSQL of their own.
 
-mod common;
+use crate::common;
 
 use common::{Backend, ServerProcess, TestApp, TestDb, as_service, cluster::PgCluster};
 use std::{

@@ -1,7 +1,7 @@
 //! Hostile requests: each gets the status it deserves, nothing panics, and
 //! the store is exactly as it was afterwards.
 
-mod common;
+use crate::common;
 
 use common::{Backend, SERVICE_TOKEN, TestApp, as_service, with_bearer};
 use rand::{Rng, RngCore};

@@ -1,7 +1,7 @@
 //! The verified-key cache: warm verifications do no I/O, and every change
 //! reaches every replica's cache.
 
-mod common;
+use crate::common;
 
 use common::{Backend, TestApp, TestDb, as_service};
 use std::{

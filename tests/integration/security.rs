@@ -5,7 +5,7 @@
 //! counts as an API call). Each runs on both backends where storage is
 //! involved.
 
-mod common;
+use crate::common;
 
 use common::{Backend, TestApp, TestDb, as_service, with_bearer};
 use prost_types::Timestamp;

@@ -2,7 +2,7 @@
 //! asserting the exact status code. An RPC added to the proto without a row
 //! here fails `every_rpc_of_the_service_is_in_the_matrix`.
 
-mod common;
+use crate::common;
 
 use common::{Backend, SERVICE_TOKEN, TestApp, as_service, with_bearer};
 use prost::Message;

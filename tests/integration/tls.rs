@@ -1,7 +1,7 @@
 //! TLS on the listener, and mutual TLS where a mapped client certificate is a
 //! service principal without any bearer token.
 
-mod common;
+use crate::common;
 
 use common::{Backend, SERVICE_TOKEN, TestApp, TestDb, with_bearer};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};

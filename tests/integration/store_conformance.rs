@@ -1,7 +1,7 @@
 //! One store suite, run against every backend: each test gets its own
 //! database, so the suite runs in parallel.
 
-mod common;
+use crate::common;
 
 use chrono::{Duration, DurationRound, Utc};
 use common::{Backend, TestStore, test_store};
