@@ -188,3 +188,26 @@ impl Verdict {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_service_token_never_prints() {
+        let t = ServiceToken::new(&SecretString::new(TOKEN)).unwrap();
+        assert_eq!(format!("{t:?}"), "ServiceToken([redacted])");
+    }
+
+    #[tokio::test]
+    async fn the_layer_debug_shows_its_routes_and_no_token() {
+        let channel = Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let client = KeysClient::from_channel(channel, SecretString::new(TOKEN)).unwrap();
+        let layer = VerifyLayer::builder(client).require("/pkg.Svc/Call", ["fleet.read"]).build().unwrap();
+        let shown = format!("{layer:?}");
+        assert!(shown.starts_with("VerifyLayer") && shown.contains("/pkg.Svc/Call"), "{shown}");
+        assert!(shown.contains("fleet.read") && !shown.contains(TOKEN), "{shown}");
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use takumo_keys::{
     domain::secret::SecretString,
     metrics::Metrics,
-    proto::pb::api_key_service_client::ApiKeyServiceClient,
+    proto::pb::{self, api_key_service_client::ApiKeyServiceClient, create_key_request::Scopes},
     server::config::ServeArgs,
     server::startup::Application,
     store::{self, Store, StoreOptions},
@@ -167,6 +167,43 @@ pub struct TestApp {
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<takumo_keys::Result<()>>>,
     pub db: Arc<TestDb>,
+}
+
+/// The calls most tests make, as the dashboard (creates), a backend
+/// (verifies) and billing (plans) would.
+impl TestApp {
+    /// Creates a key named `cursor-dev` in `org` as the dashboard acting for
+    /// `actor` (`scopes`: `None` is the workspace preset); returns it and its secret.
+    pub async fn create_as(&self, org: &str, actor: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
+        let req = pb::CreateKeyRequest {
+            organization_id: org.into(),
+            name: "cursor-dev".into(),
+            scopes,
+            ..Default::default()
+        };
+        let r = self.client.clone().create_key(as_service(req, actor)).await.expect("create key").into_inner();
+        (r.key.expect("the created key"), r.secret)
+    }
+
+    /// [`Self::create_as`] for alice.
+    pub async fn create(&self, org: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
+        self.create_as(org, "alice", scopes).await
+    }
+
+    /// VerifyKey as a backend would call it; any answer but OK fails the test.
+    pub async fn verify(&self, key: &str, required: &[&str], org: Option<&str>) -> pb::VerifyKeyResponse {
+        let req = pb::VerifyKeyRequest {
+            key: key.into(),
+            required_scopes: required.iter().map(|s| s.to_string()).collect(),
+            organization_id: org.map(str::to_owned),
+        };
+        self.client.clone().verify_key(as_service(req, "alice")).await.expect("verify is an OK response").into_inner()
+    }
+
+    /// Puts `org` on `plan`, as the billing backend.
+    pub async fn set_plan(&self, org: &str, plan: pb::Plan) {
+        set_plan(&mut self.client.clone(), org, plan).await
+    }
 }
 
 impl TestApp {

@@ -28,38 +28,6 @@ fn create_req(org: &str, name: &str, scopes: Option<Scopes>) -> pb::CreateKeyReq
     pb::CreateKeyRequest { organization_id: org.into(), name: name.into(), scopes, ..Default::default() }
 }
 
-/// Creates a key as the dashboard acting for `actor`; returns it and its secret.
-async fn create_as(app: &TestApp, org: &str, actor: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
-    let r = app
-        .client
-        .clone()
-        .create_key(as_service(create_req(org, "cursor-dev", scopes), actor))
-        .await
-        .expect("create key")
-        .into_inner();
-    (r.key.unwrap(), r.secret)
-}
-
-async fn create(app: &TestApp, org: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
-    create_as(app, org, "alice", scopes).await
-}
-
-async fn verify(app: &TestApp, key: &str, required: &[&str], org: Option<&str>) -> pb::VerifyKeyResponse {
-    app.client
-        .clone()
-        .verify_key(as_service(
-            pb::VerifyKeyRequest {
-                key: key.into(),
-                required_scopes: required.iter().map(|s| s.to_string()).collect(),
-                organization_id: org.map(str::to_owned),
-            },
-            "alice",
-        ))
-        .await
-        .expect("verify is an OK response")
-        .into_inner()
-}
-
 fn code_of(r: &pb::VerifyKeyResponse) -> pb::VerifyCode {
     r.code()
 }
@@ -74,20 +42,9 @@ async fn key_stats(app: &TestApp, org: &str) -> pb::KeyStats {
         .into_inner()
 }
 
-async fn set_plan(app: &TestApp, org: &str, plan: pb::Plan) {
-    app.client
-        .clone()
-        .set_organization_plan(as_service(
-            pb::SetOrganizationPlanRequest { organization_id: org.into(), plan: plan as i32 },
-            "billing",
-        ))
-        .await
-        .unwrap();
-}
-
 async fn secret_is_returned_once_and_never_again(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::Workspace)).await;
+    let (key, secret) = app.create("acme", preset(pb::ScopePreset::Workspace)).await;
     assert!(secret.starts_with("tk_live_"));
     assert_eq!(secret.len(), keys::KEY_LEN);
     assert!(secret.starts_with(&key.prefix));
@@ -99,7 +56,7 @@ async fn secret_is_returned_once_and_never_again(b: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let verified = verify(&app, &secret, &[], None).await;
+    let verified = app.verify(&secret, &[], None).await;
     let secret_part = &secret[24..56];
     for bytes in [got.encode_to_vec(), listed.encode_to_vec(), verified.encode_to_vec()] {
         let text = String::from_utf8_lossy(&bytes);
@@ -137,7 +94,7 @@ const WORKSPACE_WRITE_SCOPES: [&str; 9] = [
 
 async fn presets_expand_to_the_catalogs_sets(b: Backend) {
     let app = TestApp::spawn(b).await;
-    set_plan(&app, "acme", pb::Plan::Enterprise).await;
+    app.set_plan("acme", pb::Plan::Enterprise).await;
     let catalog =
         app.client.clone().list_scopes(as_service(pb::ListScopesRequest {}, "alice")).await.unwrap().into_inner();
     assert_eq!(catalog.groups.len(), 12);
@@ -147,7 +104,7 @@ async fn presets_expand_to_the_catalogs_sets(b: Backend) {
         (pb::ScopePreset::Organization, Preset::Organization),
         (pb::ScopePreset::ReadOnly, Preset::ReadOnly),
     ] {
-        let (key, _) = create(&app, "acme", preset(p)).await;
+        let (key, _) = app.create("acme", preset(p)).await;
         assert_eq!(key.scopes, scopes::expand_preset(domain));
         // Pinned here, not derived from the function the server calls: a
         // preset that gains or loses a scope must fail this test.
@@ -163,7 +120,7 @@ async fn presets_expand_to_the_catalogs_sets(b: Backend) {
         let listed = catalog.presets.iter().find(|x| x.preset == p as i32).unwrap();
         assert_eq!(listed.scopes, key.scopes);
     }
-    let (key, _) = create(&app, "acme", custom(&["fleet.read", "audit.export"])).await;
+    let (key, _) = app.create("acme", custom(&["fleet.read", "audit.export"])).await;
     assert_eq!(key.scopes, vec!["audit.export", "fleet.read"]);
 }
 
@@ -219,7 +176,7 @@ async fn test_environment_keys_carry_the_test_prefix(b: Backend) {
     let r = app.client.clone().create_key(as_service(req, "alice")).await.unwrap().into_inner();
     assert!(r.secret.starts_with("tk_test_"));
     assert_eq!(r.key.unwrap().environment(), pb::Environment::Test);
-    let v = verify(&app, &r.secret, &[], None).await;
+    let v = app.verify(&r.secret, &[], None).await;
     assert!(v.valid);
     assert_eq!(v.environment(), pb::Environment::Test);
 }
@@ -227,7 +184,7 @@ async fn test_environment_keys_carry_the_test_prefix(b: Backend) {
 async fn over_the_plan_limit_create_is_resource_exhausted(b: Backend) {
     let app = TestApp::spawn(b).await;
     for _ in 0..3 {
-        create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+        app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
     }
     let err = app
         .client
@@ -238,9 +195,9 @@ async fn over_the_plan_limit_create_is_resource_exhausted(b: Backend) {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("Free") && err.message().contains('3'), "{}", err.message());
     // Upgrading lifts the limit; downgrading blocks new keys but keeps old ones.
-    set_plan(&app, "acme", pb::Plan::Developer).await;
-    create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
-    set_plan(&app, "acme", pb::Plan::Free).await;
+    app.set_plan("acme", pb::Plan::Developer).await;
+    app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
+    app.set_plan("acme", pb::Plan::Free).await;
     let stats = key_stats(&app, "acme").await;
     assert_eq!((stats.active_keys, stats.keys_counted, stats.key_limit), (4, 4, 3));
     assert_eq!(stats.plan(), pb::Plan::Free);
@@ -278,13 +235,13 @@ async fn fifty_concurrent_creates_on_free_yield_exactly_three_keys(b: Backend) {
 
 async fn list_pages_across_pages_newest_first(b: Backend) {
     let app = TestApp::spawn(b).await;
-    set_plan(&app, "acme", pb::Plan::Pro).await;
+    app.set_plan("acme", pb::Plan::Pro).await;
     let mut created = vec![];
     for _ in 0..5 {
-        created.push(create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await.0.id);
+        created.push(app.create("acme", preset(pb::ScopePreset::ReadOnly)).await.0.id);
     }
-    create_as(&app, "acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
-    create(&app, "other", preset(pb::ScopePreset::ReadOnly)).await;
+    app.create_as("acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
+    app.create("other", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
     let mut seen = vec![];
     let mut token = String::new();
@@ -331,7 +288,7 @@ async fn list_pages_across_pages_newest_first(b: Backend) {
 
 async fn toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let (key, secret) = app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
     let set = |status: pb::KeyStatus| {
         as_service(pb::SetKeyStatusRequest { id: key.id.clone(), status: status as i32 }, "alice")
@@ -340,9 +297,9 @@ async fn toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled(b: Ba
         let k = c.set_key_status(set(pb::KeyStatus::Disabled)).await.unwrap().into_inner();
         assert_eq!(k.status(), pb::KeyStatus::Disabled);
     }
-    assert_eq!(code_of(&verify(&app, &secret, &[], None).await), pb::VerifyCode::Disabled);
+    assert_eq!(code_of(&app.verify(&secret, &[], None).await), pb::VerifyCode::Disabled);
     c.set_key_status(set(pb::KeyStatus::Active)).await.unwrap();
-    assert!(verify(&app, &secret, &[], None).await.valid);
+    assert!(app.verify(&secret, &[], None).await.valid);
     for bad in [pb::KeyStatus::Unspecified, pb::KeyStatus::Revoked] {
         assert_eq!(c.set_key_status(set(bad)).await.unwrap_err().code(), Code::InvalidArgument);
     }
@@ -351,7 +308,7 @@ async fn toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled(b: Ba
     let err = c.set_key_status(set(pb::KeyStatus::Active)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("revoked"));
-    assert_eq!(code_of(&verify(&app, &secret, &[], None).await), pb::VerifyCode::Revoked);
+    assert_eq!(code_of(&app.verify(&secret, &[], None).await), pb::VerifyCode::Revoked);
     // A revoked key stays listed.
     let listed = c
         .list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "alice"))
@@ -364,12 +321,12 @@ async fn toggling_status_is_idempotent_and_revoked_key_cannot_be_reenabled(b: Ba
 
 async fn deleted_key_stops_verifying_and_still_counts_in_total_keys(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
-    create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let (key, secret) = app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
+    app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
-    assert!(verify(&app, &secret, &[], None).await.valid);
+    assert!(app.verify(&secret, &[], None).await.valid);
     c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
-    assert_eq!(code_of(&verify(&app, &secret, &[], None).await), pb::VerifyCode::NotFound);
+    assert_eq!(code_of(&app.verify(&secret, &[], None).await), pb::VerifyCode::NotFound);
     let err = c.get_key(as_service(pb::GetKeyRequest { id: key.id.clone() }, "alice")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap_err();
@@ -403,8 +360,8 @@ async fn unknown_ids_are_not_found_and_empty_ids_invalid(b: Backend) {
 
 async fn verify_answers_every_denial_with_its_code(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
-    let ok = verify(&app, &secret, &["fleet.read", "audit.read"], Some("acme")).await;
+    let (key, secret) = app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let ok = app.verify(&secret, &["fleet.read", "audit.read"], Some("acme")).await;
     assert!(ok.valid);
     assert_eq!(code_of(&ok), pb::VerifyCode::Valid);
     assert_eq!(
@@ -417,24 +374,24 @@ async fn verify_answers_every_denial_with_its_code(b: Backend) {
     let last = secret.chars().last().unwrap();
     let typo = format!("{}{}", &secret[..secret.len() - 1], if last == 'x' { 'y' } else { 'x' });
     for garbage in ["", "hello", "tk_live_short", &typo, &"A".repeat(100_000)] {
-        let r = verify(&app, garbage, &[], None).await;
+        let r = app.verify(garbage, &[], None).await;
         assert_eq!(code_of(&r), pb::VerifyCode::Malformed);
         assert!(!r.valid && r.key_id.is_empty() && r.scopes.is_empty());
     }
     // Right id, wrong secret, valid checksum: NOT_FOUND, revealing nothing.
     let wrong = keys::compose(Environment::Live, &key.id, &"w".repeat(keys::SECRET_LEN));
-    let r = verify(&app, wrong.expose(), &[], None).await;
+    let r = app.verify(wrong.expose(), &[], None).await;
     assert_eq!(code_of(&r), pb::VerifyCode::NotFound);
     assert!(r.key_id.is_empty() && r.organization_id.is_empty() && r.scopes.is_empty());
     let unknown = keys::generate(Environment::Live);
-    assert_eq!(code_of(&verify(&app, unknown.full.expose(), &[], None).await), pb::VerifyCode::NotFound);
+    assert_eq!(code_of(&app.verify(unknown.full.expose(), &[], None).await), pb::VerifyCode::NotFound);
 
-    let r = verify(&app, &secret, &["fleet.read", "fleet.manage", "billing.manage"], None).await;
+    let r = app.verify(&secret, &["fleet.read", "fleet.manage", "billing.manage"], None).await;
     assert_eq!(code_of(&r), pb::VerifyCode::InsufficientScope);
     assert!(!r.valid);
     assert_eq!(r.missing_scopes, vec!["fleet.manage", "billing.manage"]);
 
-    let r = verify(&app, &secret, &[], Some("globex")).await;
+    let r = app.verify(&secret, &[], Some("globex")).await;
     assert_eq!(code_of(&r), pb::VerifyCode::WrongOrganization);
 
     let err = app
@@ -480,7 +437,7 @@ async fn expired_key_verifies_as_expired(b: Backend) {
     )
     .await
     .unwrap();
-    assert_eq!(code_of(&verify(&app, secret.expose(), &[], None).await), pb::VerifyCode::Expired);
+    assert_eq!(code_of(&app.verify(secret.expose(), &[], None).await), pb::VerifyCode::Expired);
     let e = app.client.clone().list_scopes(with_bearer(pb::ListScopesRequest {}, secret.expose())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("expired"));
@@ -488,14 +445,14 @@ async fn expired_key_verifies_as_expired(b: Backend) {
 
 async fn verifications_count_in_stats_and_last_used(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let (key, secret) = app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
     let mut c = app.client.clone();
     let stats = key_stats(&app, "acme").await;
     assert_eq!((stats.api_calls_24h, stats.last_call_at), (0, None));
     for _ in 0..7 {
-        assert!(verify(&app, &secret, &[], None).await.valid);
+        assert!(app.verify(&secret, &[], None).await.valid);
     }
-    verify(&app, "tk_live_garbage", &[], None).await;
+    app.verify("tk_live_garbage", &[], None).await;
     app.usage.flush().await.unwrap();
     let stats = key_stats(&app, "acme").await;
     assert_eq!(stats.api_calls_24h, 7);
@@ -506,9 +463,9 @@ async fn verifications_count_in_stats_and_last_used(b: Backend) {
 
 async fn shutdown_flushes_pending_usage(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (_, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let (_, secret) = app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
     for _ in 0..5 {
-        verify(&app, &secret, &[], None).await;
+        app.verify(&secret, &[], None).await;
     }
     let store = app.store.clone();
     let db = app.db.clone();
@@ -536,18 +493,18 @@ async fn credentials_are_checked_before_anything_else(b: Backend) {
 
 async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backend) {
     let app = TestApp::spawn(b).await;
-    set_plan(&app, "acme", pb::Plan::Pro).await;
+    app.set_plan("acme", pb::Plan::Pro).await;
     let mut c = app.client.clone();
-    let (_, admin) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Organization)).await;
-    let (_, workspace) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
-    let (_, reader) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::ReadOnly)).await;
-    let (bobs, _) = create_as(&app, "acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
-    let (foreign, foreign_secret) = create_as(&app, "globex", "gina", preset(pb::ScopePreset::Organization)).await;
+    let (_, admin) = app.create_as("acme", "alice", preset(pb::ScopePreset::Organization)).await;
+    let (_, workspace) = app.create_as("acme", "alice", preset(pb::ScopePreset::Workspace)).await;
+    let (_, reader) = app.create_as("acme", "alice", preset(pb::ScopePreset::ReadOnly)).await;
+    let (bobs, _) = app.create_as("acme", "bob", preset(pb::ScopePreset::ReadOnly)).await;
+    let (foreign, foreign_secret) = app.create_as("globex", "gina", preset(pb::ScopePreset::Organization)).await;
 
     // Reading needs api_keys.read; an empty organization_id means the key's own.
     let listed = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &reader)).await.unwrap().into_inner();
     assert_eq!(listed.keys.len(), 4);
-    let (_, no_read) = create_as(&app, "acme", "alice", custom(&["fleet.read"])).await;
+    let (_, no_read) = app.create_as("acme", "alice", custom(&["fleet.read"])).await;
     let e = c.list_keys(with_bearer(pb::ListKeysRequest::default(), &no_read)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("api_keys.read"));
@@ -564,7 +521,7 @@ async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backen
     assert_eq!(e.code(), Code::NotFound);
     let e = c.revoke_key(with_bearer(pb::RevokeKeyRequest { id: foreign.id.clone() }, &admin)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert!(verify(&app, &foreign_secret, &[], None).await.valid, "the foreign key is untouched");
+    assert!(app.verify(&foreign_secret, &[], None).await.valid, "the foreign key is untouched");
 
     // Service-only RPCs.
     let e = c
@@ -606,7 +563,7 @@ async fn api_key_callers_act_only_within_their_scopes_and_organization(b: Backen
     .unwrap();
 
     // A disabled key is refused at once, and cannot re-enable itself.
-    let (me, me_secret) = create_as(&app, "acme", "alice", preset(pb::ScopePreset::Workspace)).await;
+    let (me, me_secret) = app.create_as("acme", "alice", preset(pb::ScopePreset::Workspace)).await;
     c.set_key_status(with_bearer(
         pb::SetKeyStatusRequest { id: me.id.clone(), status: pb::KeyStatus::Disabled as i32 },
         &me_secret,
@@ -679,7 +636,7 @@ async fn health_and_reflection_need_no_credentials(b: Backend) {
 
 async fn secrets_are_stored_only_as_peppered_argon2id_hashes(b: Backend) {
     let app = TestApp::spawn(b).await;
-    let (key, secret) = create(&app, "acme", preset(pb::ScopePreset::ReadOnly)).await;
+    let (key, secret) = app.create("acme", preset(pb::ScopePreset::ReadOnly)).await;
     let (_, stored) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
     let phc = stored.phc;
     assert!(phc.starts_with("$argon2id$"));
@@ -740,8 +697,8 @@ async fn audit_log_records_who_did_what_and_exports_it(b: Backend) {
     ))
     .await
     .unwrap();
-    set_plan(&app, "acme", pb::Plan::Pro).await;
-    let (_, reader) = create_as(&app, "acme", "bob", custom(&["audit.read"])).await;
+    app.set_plan("acme", pb::Plan::Pro).await;
+    let (_, reader) = app.create_as("acme", "bob", custom(&["audit.read"])).await;
 
     let page = c
         .list_audit_events(with_bearer(pb::ListAuditEventsRequest { page_size: 2, ..Default::default() }, &reader))
@@ -825,7 +782,7 @@ async fn export(c: &mut common::Client, req: pb::ExportAuditEventsRequest) -> Ve
 async fn audit_queries_honour_since_until_and_action_through_the_rpc(b: Backend) {
     let app = TestApp::spawn(b).await;
     let mut c = app.client.clone();
-    let (key, _) = create(&app, "acme", custom(&["fleet.read"])).await;
+    let (key, _) = app.create("acme", custom(&["fleet.read"])).await;
     toggle(&mut c, &key.id, 2).await; // 4 status events before the mark
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let mark = chrono::Utc::now();
@@ -883,7 +840,7 @@ async fn audit_queries_honour_since_until_and_action_through_the_rpc(b: Backend)
 async fn export_streams_every_event_past_one_batch(b: Backend) {
     let app = TestApp::spawn(b).await;
     let mut c = app.client.clone();
-    let (key, _) = create(&app, "acme", custom(&["fleet.read"])).await;
+    let (key, _) = app.create("acme", custom(&["fleet.read"])).await;
     toggle(&mut c, &key.id, 260).await; // 520 status events + the create: more than one 500-row batch
     let all =
         export(&mut c, pb::ExportAuditEventsRequest { organization_id: "acme".into(), ..Default::default() }).await;
@@ -896,11 +853,11 @@ async fn export_streams_every_event_past_one_batch(b: Backend) {
 
 async fn list_keys_filters_by_status_and_pages_by_fifty(b: Backend) {
     let app = TestApp::spawn(b).await;
-    set_plan(&app, "acme", pb::Plan::Enterprise).await;
+    app.set_plan("acme", pb::Plan::Enterprise).await;
     let mut c = app.client.clone();
     let mut ids = vec![];
     for _ in 0..51 {
-        ids.push(create(&app, "acme", custom(&["fleet.read"])).await.0.id);
+        ids.push(app.create("acme", custom(&["fleet.read"])).await.0.id);
     }
     c.set_key_status(as_service(
         pb::SetKeyStatusRequest { id: ids[7].clone(), status: pb::KeyStatus::Disabled as i32 },
@@ -972,11 +929,11 @@ async fn a_caller_is_authenticated_before_its_request_is_validated(b: Backend) {
 
 async fn a_downgrade_blocks_the_next_create(b: Backend) {
     let app = TestApp::spawn(b).await;
-    set_plan(&app, "acme", pb::Plan::Developer).await;
+    app.set_plan("acme", pb::Plan::Developer).await;
     for _ in 0..4 {
-        create(&app, "acme", custom(&["fleet.read"])).await;
+        app.create("acme", custom(&["fleet.read"])).await;
     }
-    set_plan(&app, "acme", pb::Plan::Free).await;
+    app.set_plan("acme", pb::Plan::Free).await;
     let e = app
         .client
         .clone()

@@ -19,21 +19,11 @@ async fn create(app: &TestApp, org: &str, expires_at: Option<prost_types::Timest
     (r.key.unwrap(), r.secret)
 }
 
-async fn verify(app: &TestApp, key: &str) -> pb::VerifyCode {
-    app.client
-        .clone()
-        .verify_key(as_service(pb::VerifyKeyRequest { key: key.into(), ..Default::default() }, "svc"))
-        .await
-        .unwrap()
-        .into_inner()
-        .code()
-}
-
 /// Polls `app` until `key` verifies with `want`, failing after 5 s.
 async fn eventually(app: &TestApp, key: &str, want: pb::VerifyCode) -> Duration {
     let start = Instant::now();
     loop {
-        let got = verify(app, key).await;
+        let got = app.verify(key, &[], None).await.code();
         if got == want {
             return start.elapsed();
         }
@@ -52,11 +42,11 @@ async fn two_replicas() -> (TestApp, TestApp) {
 async fn warm_verifications_read_nothing_from_the_store(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (_, secret) = create(&app, "acme", None).await;
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     let reads = app.metrics.store_key_reads.get();
     let hashes = app.metrics.argon2_verifications.get();
     for _ in 0..100 {
-        assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+        assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     }
     assert_eq!(app.metrics.store_key_reads.get(), reads);
     assert_eq!(app.metrics.argon2_verifications.get(), hashes);
@@ -73,9 +63,9 @@ async fn repeated_bad_keys_cost_no_database_or_argon2_work(b: Backend) {
     let wrong = keys::compose(Environment::Live, &key.id, &"w".repeat(keys::SECRET_LEN));
     let unknown = keys::generate(Environment::Live);
     for _ in 0..3 {
-        assert_eq!(verify(&app, wrong.expose()).await, pb::VerifyCode::NotFound);
-        assert_eq!(verify(&app, unknown.full.expose()).await, pb::VerifyCode::NotFound);
-        assert_eq!(verify(&app, "tk_live_garbage").await, pb::VerifyCode::Malformed);
+        assert_eq!(app.verify(wrong.expose(), &[], None).await.code(), pb::VerifyCode::NotFound);
+        assert_eq!(app.verify(unknown.full.expose(), &[], None).await.code(), pb::VerifyCode::NotFound);
+        assert_eq!(app.verify("tk_live_garbage", &[], None).await.code(), pb::VerifyCode::Malformed);
     }
     assert_eq!(app.metrics.argon2_verifications.get(), 1, "one argon2 for the wrong secret");
     assert_eq!(app.metrics.store_key_reads.get(), 2, "one lookup per distinct key");
@@ -109,20 +99,20 @@ async fn local_changes_take_effect_at_once(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (key, secret) = create(&app, "acme", None).await;
     let mut c = app.client.clone();
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     c.set_key_status(as_service(
         pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
         "alice",
     ))
     .await
     .unwrap();
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Disabled);
     c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Revoked);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Revoked);
     // A change re-reads the record; the secret, proven once, is not hashed again.
     assert_eq!(app.metrics.argon2_verifications.get(), 1);
     c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::NotFound);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::NotFound);
 }
 
 async fn expired_keys_are_refused_from_cache(b: Backend) {
@@ -130,7 +120,7 @@ async fn expired_keys_are_refused_from_cache(b: Backend) {
     let soon = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
     let ts = prost_types::Timestamp { seconds: soon.timestamp(), nanos: soon.timestamp_subsec_nanos() as i32 };
     let (_, secret) = create(&app, "acme", Some(ts)).await;
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     let reads = app.metrics.store_key_reads.get();
     eventually(&app, &secret, pb::VerifyCode::Expired).await;
     assert_eq!(app.metrics.store_key_reads.get(), reads, "expiry is checked on the cached entry");
@@ -139,8 +129,8 @@ async fn expired_keys_are_refused_from_cache(b: Backend) {
 async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
     let (a, b) = two_replicas().await;
     let (key, secret) = create(&a, "acme", None).await;
-    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid);
-    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid, "now cached on b");
+    assert_eq!(b.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
+    assert_eq!(b.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid, "now cached on b");
     let mut c = a.client.clone();
     c.set_key_status(as_service(
         pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Disabled as i32 },
@@ -166,11 +156,11 @@ async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
 async fn a_change_missed_while_the_listener_was_cut_is_not_trusted() {
     let (a, b) = two_replicas().await;
     let (key, secret) = create(&a, "acme", None).await;
-    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(b.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     let pool = sqlx::PgPool::connect(&a.db.url).await.unwrap();
     // A change whose notice never arrives: written behind the service's back.
     sqlx::query("UPDATE api_keys SET status = 'disabled' WHERE id = $1").bind(&key.id).execute(&pool).await.unwrap();
-    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Valid, "b still trusts its cache");
+    assert_eq!(b.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid, "b still trusts its cache");
     // Cut every listener connection (both replicas'); they reconnect by themselves.
     let cut: Vec<i32> = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
@@ -191,7 +181,7 @@ async fn usage_from_two_replicas_adds_up() {
     let (_, secret) = create(&a, "acme", None).await;
     for i in 0..30 {
         let app = if i % 3 == 0 { &a } else { &b };
-        assert_eq!(verify(app, &secret).await, pb::VerifyCode::Valid);
+        assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     }
     a.usage.flush().await.unwrap();
     b.usage.flush().await.unwrap();
@@ -199,7 +189,7 @@ async fn usage_from_two_replicas_adds_up() {
     assert_eq!(stats.api_calls_24h, 30);
     // Shutdown flushes what is still pending.
     for _ in 0..4 {
-        verify(&b, &secret).await;
+        b.verify(&secret, &[], None).await.code();
     }
     let store = a.store.clone();
     b.shutdown().await;
@@ -227,7 +217,7 @@ async fn wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_change
     let app = TestApp::spawn(b).await;
     let (key, secret) = create(&app, "acme", None).await;
     for n in 0..5 {
-        assert_eq!(verify(&app, &wrong_secret(&key.id, n)).await, pb::VerifyCode::NotFound);
+        assert_eq!(app.verify(&wrong_secret(&key.id, n), &[], None).await.code(), pb::VerifyCode::NotFound);
     }
     assert_eq!(app.metrics.store_key_reads.get(), 1, "one read for five wrong secrets");
     assert_eq!(app.metrics.id_cache_hits.get(), 4);
@@ -236,7 +226,7 @@ async fn wrong_secrets_for_a_known_id_are_refuted_in_memory_until_the_key_change
     // A change voids the id's record: the first sight of the real secret
     // afterwards sees the change, not the record read before it.
     disable(&app, &key.id).await;
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Disabled);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Disabled);
     assert_eq!(app.metrics.store_key_reads.get(), 2);
 }
 
@@ -265,7 +255,7 @@ async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b
     let (_, before) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
     assert!(before.phc.starts_with("$argon2id$v=19$m=64,t=2,p=1$"), "{}", before.phc);
 
-    assert_eq!(verify(&app, secret.expose()).await, pb::VerifyCode::Valid);
+    assert_eq!(app.verify(secret.expose(), &[], None).await.code(), pb::VerifyCode::Valid);
     let deadline = Instant::now() + Duration::from_secs(5);
     while app.metrics.argon2_rehashes.get() == 0 {
         assert!(Instant::now() < deadline, "not rehashed within 5 s");
@@ -277,8 +267,8 @@ async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b
 
     // The new hash verifies on a fresh replica, which has nothing to rehash.
     let fresh = TestApp::spawn_on(app.db.clone(), common::serve_args).await;
-    assert_eq!(verify(&fresh, secret.expose()).await, pb::VerifyCode::Valid);
-    assert_eq!(verify(&app, secret.expose()).await, pb::VerifyCode::Valid);
+    assert_eq!(fresh.verify(secret.expose(), &[], None).await.code(), pb::VerifyCode::Valid);
+    assert_eq!(app.verify(secret.expose(), &[], None).await.code(), pb::VerifyCode::Valid);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(fresh.metrics.argon2_rehashes.get(), 0);
     assert_eq!(app.metrics.argon2_rehashes.get(), 1, "rehashed once");
@@ -289,7 +279,7 @@ async fn a_change_on_another_replica_voids_the_id_cache() {
     let (a, b) = two_replicas().await;
     let (key, secret) = create(&a, "acme", None).await;
     // b reads the key's record while refuting a wrong secret.
-    assert_eq!(verify(&b, &wrong_secret(&key.id, 1)).await, pb::VerifyCode::NotFound);
+    assert_eq!(b.verify(&wrong_secret(&key.id, 1), &[], None).await.code(), pb::VerifyCode::NotFound);
     let invalidations = b.metrics.invalidations.get();
     disable(&a, &key.id).await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -297,7 +287,7 @@ async fn a_change_on_another_replica_voids_the_id_cache() {
         assert!(Instant::now() < deadline, "the notice did not reach b within 5 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(verify(&b, &secret).await, pb::VerifyCode::Disabled);
+    assert_eq!(b.verify(&secret, &[], None).await.code(), pb::VerifyCode::Disabled);
 }
 
 for_each_backend!(
@@ -409,12 +399,12 @@ async fn a_cached_key_is_re_read_once_older_than_the_freshness_bound() {
     })
     .await;
     let (_, secret) = create(&app, "acme", None).await;
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     let reads = app.metrics.store_key_reads.get();
     assert_eq!(app.metrics.cache_refreshes.get(), 0, "fresh: answered from the cache");
     tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(verify(&app, &secret).await, pb::VerifyCode::Valid);
+    assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     assert_eq!(app.metrics.cache_refreshes.get(), 1, "older than 50 ms: re-read");
     assert_eq!(app.metrics.store_key_reads.get(), reads + 1);
     assert_eq!(app.metrics.argon2_verifications.get(), 1, "a re-read needs no argon2");
