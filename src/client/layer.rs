@@ -316,3 +316,34 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::Environment;
+
+    fn headers(authorization: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::AUTHORIZATION, authorization.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn the_bearer_key_is_read_strictly_and_refused_with_a_reason() {
+        let key = keys::compose(Environment::Live, "0123456789ABCDEF", &"s".repeat(keys::SECRET_LEN));
+        let key = key.expose();
+        assert_eq!(bearer_key(&headers(&format!("Bearer {key}"))).unwrap(), key);
+        assert_eq!(bearer_key(&headers(&format!("bearer   {key} "))).unwrap(), key, "scheme case and padding");
+        let message = |h: &http::HeaderMap| bearer_key(h).unwrap_err().message().to_owned();
+        assert!(message(&http::HeaderMap::new()).starts_with("missing API key"));
+        assert!(message(&headers(&format!("Basic {key}"))).starts_with("`authorization` must be"));
+        assert!(message(&headers("Bearer ")).starts_with("`authorization` must be"));
+        assert_eq!(message(&headers("Bearer tk_live_garbage")), "the API key is malformed");
+        // The length bound: at it, the value is read (and refused as a key);
+        // past it, refused before anything else.
+        let at_limit = format!("Bearer {}", "k".repeat(MAX_BEARER_LEN - "Bearer ".len()));
+        assert_eq!(message(&headers(&at_limit)), "the API key is malformed");
+        let past = format!("{at_limit}k");
+        assert!(message(&headers(&past)).starts_with("`authorization` must be"));
+    }
+}
