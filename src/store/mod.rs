@@ -3,8 +3,19 @@
 //! The backend is chosen by the DSN's scheme in [`connect`]: `postgres://` for
 //! production, `sqlite://` for the embedded default. Each backend owns its
 //! migrations (`migrations/<backend>/`, same version numbers), runs them at
-//! connect, and translates its database errors at its own edge. Lookups return
-//! `Ok(None)` for "no such row"; the service decides what that means.
+//! connect, and classifies its own database errors (`is_retryable`; the one
+//! `From<sqlx::Error>` asks both). Lookups return `Ok(None)` for "no such
+//! row"; the service decides what that means.
+//!
+//! Two files, as in IOx's catalog, not one generic over `sqlx::Database`:
+//! they share the SQL text wherever the databases agree (`$N` placeholders,
+//! row values, the same statements), and the business rules live here once
+//! ([`check_key_limit`], [`created_action`], [`ensure_not_revoked`]). So
+//! `diff src/store/postgres.rs src/store/sqlite.rs` shows what really differs:
+//! row locks (`FOR UPDATE`) against SQLite's one writer (`BEGIN IMMEDIATE`),
+//! change notices (PostgreSQL only), timestamps (`timestamptz` against
+//! microseconds), scope lists (arrays against text), the one-statement usage
+//! flush (`unnest`), migration locking and file permissions.
 
 mod postgres;
 mod sqlite;

@@ -151,8 +151,9 @@ impl Store for PostgresStore {
             }
             e => Error::from(e),
         })?;
-        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = now() WHERE id = $1")
+        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
             .bind(&key.organization_id)
+            .bind(Utc::now())
             .execute(&mut *tx)
             .await?;
         let created = key_from_row(&row)?;
@@ -234,11 +235,12 @@ impl Store for PostgresStore {
         };
         ensure_not_revoked(&before)?;
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET status = $2, updated_at = now() WHERE id = $1 RETURNING ",
+            "UPDATE api_keys SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
         .bind(status.as_str())
+        .bind(Utc::now())
         .fetch_one(&mut *tx)
         .await?;
         let key = key_from_row(&row)?;
@@ -256,10 +258,11 @@ impl Store for PostgresStore {
             return Ok(None);
         };
         let row = sqlx::query(concat!(
-            "UPDATE api_keys SET status = 'revoked', updated_at = now() WHERE id = $1 RETURNING ",
+            "UPDATE api_keys SET status = 'revoked', updated_at = $2 WHERE id = $1 RETURNING ",
             key_columns!()
         ))
         .bind(id)
+        .bind(Utc::now())
         .fetch_one(&mut *tx)
         .await?;
         let key = key_from_row(&row)?;
@@ -295,9 +298,10 @@ impl Store for PostgresStore {
     async fn set_plan(&self, id: &str, plan: Plan, audit: &AuditContext) -> Result<Organization> {
         let mut tx = self.pool.begin().await?;
         let before = lock_organization(&mut tx, id).await?;
-        sqlx::query("UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1")
+        sqlx::query("UPDATE organizations SET plan = $2, updated_at = $3 WHERE id = $1")
             .bind(id)
             .bind(plan.as_str())
+            .bind(Utc::now())
             .execute(&mut *tx)
             .await?;
         append_audit(&mut tx, &AuditRecord::for_plan(id, before, plan, audit)).await?;
@@ -480,10 +484,13 @@ const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// creates and plan changes of one organization run one at a time, so the
 /// count of keys cannot change between the limit check and the insert.
 async fn lock_organization(tx: &mut sqlx::PgConnection, id: &str) -> Result<Plan> {
-    sqlx::query("INSERT INTO organizations (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO organizations (id, created_at, updated_at) VALUES ($1, $2, $2) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(Utc::now())
+    .execute(&mut *tx)
+    .await?;
     let plan: String = sqlx::query_scalar("SELECT plan FROM organizations WHERE id = $1 FOR UPDATE")
         .bind(id)
         .fetch_one(&mut *tx)
