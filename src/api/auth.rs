@@ -1,7 +1,7 @@
 //! Who is calling, and what each RPC lets them do.
 //!
 //! Every `ApiKeyService` RPC authenticates the bearer token into a
-//! [`Principal`], then [`authorize`] checks it against [`RULES`], the one table
+//! [`Principal`], then [`authorize`] checks it against [`rule`], the one table
 //! that says which principals may call which RPC. Organization and ownership
 //! checks that need the target key live on [`Caller`], next to the table.
 

@@ -10,7 +10,7 @@
 //! Two files, as in IOx's catalog, not one generic over `sqlx::Database`:
 //! they share the SQL text wherever the databases agree (`$N` placeholders,
 //! row values, the same statements), and the business rules live here once
-//! ([`check_key_limit`], [`created_action`], [`ensure_not_revoked`]). So
+//! (`check_key_limit`, `created_action`, `ensure_not_revoked`). So
 //! `diff src/store/postgres.rs src/store/sqlite.rs` shows what really differs:
 //! row locks (`FOR UPDATE`) against SQLite's one writer (`BEGIN IMMEDIATE`),
 //! change notices (PostgreSQL only), timestamps (`timestamptz` against
