@@ -346,4 +346,30 @@ mod tests {
         let past = format!("{at_limit}k");
         assert!(message(&headers(&past)).starts_with("`authorization` must be"));
     }
+
+    async fn text_of<B>(res: Response<B>) -> (StatusCode, Option<String>, String)
+    where
+        B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let status = res.status();
+        let challenge = res.headers().get(header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
+        let bytes = axum::body::to_bytes(axum::body::Body::new(res.into_body()), 1024).await.unwrap();
+        (status, challenge, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn plain_http_callers_get_the_status_code_and_the_reason_in_either_body() {
+        let refused = || Status::unauthenticated("the API key is revoked");
+        let want = (StatusCode::UNAUTHORIZED, Some("Bearer".to_owned()), "the API key is revoked\n".to_owned());
+        assert_eq!(text_of(reject::<tonic::body::Body>(refused(), false)).await, want);
+        assert_eq!(text_of(reject::<axum::body::Body>(refused(), false)).await, want);
+        let (code, challenge, _) = text_of(reject::<axum::body::Body>(Status::permission_denied("no"), false)).await;
+        assert_eq!((code, challenge), (StatusCode::FORBIDDEN, None));
+        let (code, _, _) = text_of(reject::<axum::body::Body>(Status::unavailable("down"), false)).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        // gRPC callers: a trailers-only answer, the status in the headers.
+        let grpc = reject::<tonic::body::Body>(refused(), true);
+        assert_eq!(grpc.headers().get("grpc-status").unwrap(), "16");
+    }
 }
