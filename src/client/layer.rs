@@ -372,4 +372,30 @@ mod tests {
         let grpc = reject::<tonic::body::Body>(refused(), true);
         assert_eq!(grpc.headers().get("grpc-status").unwrap(), "16");
     }
+
+    /// An inner service that is never ready: it reports an error from `poll_ready`.
+    #[derive(Clone)]
+    struct Down;
+
+    impl Service<Request<axum::body::Body>> for Down {
+        type Response = Response<axum::body::Body>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Err("inner service down"))
+        }
+        fn call(&mut self, _: Request<axum::body::Body>) -> Self::Future {
+            std::future::ready(Err("called although not ready"))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_inner_service_readiness_passes_through() {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let client =
+            KeysClient::from_channel(channel, crate::domain::secret::SecretString::new("t".repeat(32))).unwrap();
+        let mut svc = VerifyLayer::builder(client).build().unwrap().layer(Down);
+        let ready = std::future::poll_fn(|cx| Service::<Request<axum::body::Body>>::poll_ready(&mut svc, cx)).await;
+        assert_eq!(ready, Err("inner service down"));
+    }
 }
