@@ -204,6 +204,32 @@ impl TestApp {
     pub async fn set_plan(&self, org: &str, plan: pb::Plan) {
         set_plan(&mut self.client.clone(), org, plan).await
     }
+
+    /// Polls until `key` verifies with `want`, failing after 5 s; returns how long it took.
+    pub async fn verifies_eventually(&self, key: &str, want: pb::VerifyCode) -> std::time::Duration {
+        let start = std::time::Instant::now();
+        loop {
+            let got = self.verify(key, &[], None).await.code();
+            if got == want {
+                return start.elapsed();
+            }
+            assert!(start.elapsed().as_secs() < 5, "still {got:?}, want {want:?} after 5 s");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, failing after `secs`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "{what}: not within {secs} s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 impl TestApp {

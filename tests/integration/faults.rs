@@ -2,7 +2,7 @@
 //! mid-write, a database too slow to answer, and races on one key (the
 //! plan-limit race is in `api.rs`). The outage tests run a PostgreSQL of their own.
 
-use crate::common;
+use crate::common::{self, eventually};
 
 use common::{Backend, ServerProcess, TestApp, TestDb, as_service, cluster::PgCluster};
 use std::{
@@ -36,19 +36,6 @@ async fn list(c: &mut Client) -> Result<pb::ListKeysResponse, tonic::Status> {
 
 async fn set_enterprise(c: &mut Client, org: &str) {
     common::set_plan(c, org, pb::Plan::Enterprise).await
-}
-
-/// Polls `check` every 50 ms until it holds, failing after `secs`.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn outage_app(pg: &PgCluster, stale_ms: u64) -> TestApp {

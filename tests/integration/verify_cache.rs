@@ -19,19 +19,6 @@ async fn create(app: &TestApp, org: &str, expires_at: Option<prost_types::Timest
     (r.key.unwrap(), r.secret)
 }
 
-/// Polls `app` until `key` verifies with `want`, failing after 5 s.
-async fn eventually(app: &TestApp, key: &str, want: pb::VerifyCode) -> Duration {
-    let start = Instant::now();
-    loop {
-        let got = app.verify(key, &[], None).await.code();
-        if got == want {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "still {got:?}, want {want:?} after 5 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn two_replicas() -> (TestApp, TestApp) {
     let db = Arc::new(TestDb::new(Backend::Postgres).await);
     let a = TestApp::spawn_on(db.clone(), common::serve_args).await;
@@ -122,7 +109,7 @@ async fn expired_keys_are_refused_from_cache(b: Backend) {
     let (_, secret) = create(&app, "acme", Some(ts)).await;
     assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Valid);
     let reads = app.metrics.store_key_reads.get();
-    eventually(&app, &secret, pb::VerifyCode::Expired).await;
+    app.verifies_eventually(&secret, pb::VerifyCode::Expired).await;
     assert_eq!(app.metrics.store_key_reads.get(), reads, "expiry is checked on the cached entry");
 }
 
@@ -138,18 +125,18 @@ async fn disable_revoke_and_delete_on_one_replica_reach_the_other() {
     ))
     .await
     .unwrap();
-    eventually(&b, &secret, pb::VerifyCode::Disabled).await;
+    b.verifies_eventually(&secret, pb::VerifyCode::Disabled).await;
     c.set_key_status(as_service(
         pb::SetKeyStatusRequest { id: key.id.clone(), status: pb::KeyStatus::Active as i32 },
         "alice",
     ))
     .await
     .unwrap();
-    eventually(&b, &secret, pb::VerifyCode::Valid).await;
+    b.verifies_eventually(&secret, pb::VerifyCode::Valid).await;
     c.revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
-    eventually(&b, &secret, pb::VerifyCode::Revoked).await;
+    b.verifies_eventually(&secret, pb::VerifyCode::Revoked).await;
     c.delete_key(as_service(pb::DeleteKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
-    eventually(&b, &secret, pb::VerifyCode::NotFound).await;
+    b.verifies_eventually(&secret, pb::VerifyCode::NotFound).await;
     assert!(b.metrics.invalidations.get() >= 4);
 }
 
@@ -172,7 +159,7 @@ async fn a_change_missed_while_the_listener_was_cut_is_not_trusted() {
     for pid in cut {
         sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&pool).await.unwrap();
     }
-    eventually(&b, &secret, pb::VerifyCode::Disabled).await;
+    b.verifies_eventually(&secret, pb::VerifyCode::Disabled).await;
     pool.close().await;
 }
 
