@@ -1,4 +1,6 @@
 //! Generated gRPC types and the conversions between them and domain types.
+//! Above the domain, below everything that serves or stores: may import only
+//! [`crate::domain`] and [`crate::error`].
 
 use crate::{
     domain::model::{self, ApiKey, AuditAction, AuditEvent, Environment, KeyStatus, Plan},

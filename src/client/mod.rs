@@ -1,4 +1,6 @@
 //! The Rust client internal services use to talk to Takumo Keys (cargo feature `client`).
+//! A surface beside [`crate::api`]: it speaks the wire types of [`crate::proto`] and shares
+//! the refusal vocabulary of [`crate::verify::Denial`]; it imports nothing of the server.
 //!
 //! - [`KeysClient`]: the generated `ApiKeyService` client with the service token attached to
 //!   every call, plus [`KeysClient::verify`], the one call most services need.

@@ -1,4 +1,6 @@
-//! Persistence behind one trait, with a backend per database.
+//! Persistence behind one trait, with a backend per database. May import
+//! the ground ([`crate::domain`], [`crate::error`], [`crate::metrics`]) and
+//! [`crate::proto`]; never the verification engine, the API or the server.
 //!
 //! The backend is chosen by the DSN's scheme in [`connect`]: `postgres://` for
 //! production, `sqlite://` for the embedded default. Each backend owns its
