@@ -288,38 +288,42 @@ impl<'a> AuditRecord<'a> {
             ctx,
         }
     }
+}
 
-    /// Builds an event from a row; `text` reads a text column by name.
-    pub fn event_from(
-        id: i64,
-        occurred_at: DateTime<Utc>,
-        text: impl Fn(&str) -> Result<Option<String>>,
-    ) -> Result<AuditEvent> {
-        let required = |c: &str| text(c)?.ok_or_else(|| Error::internal(anyhow::anyhow!("audit column {c} is null")));
-        let status = |c: &str| -> Result<Option<KeyStatus>> {
-            text(c)?
-                .map(|s| {
-                    KeyStatus::parse(&s)
-                        .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown status {s:?} in audit log")))
-                })
-                .transpose()
-        };
-        let action = required("action")?;
+/// The text columns of an audit row: the same types on both backends, so one
+/// `FromRow` serves both (each backend adds its `id` and `occurred_at`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditColumns {
+    organization_id: String,
+    actor: String,
+    principal: String,
+    action: String,
+    key_id: Option<String>,
+    key_prefix: Option<String>,
+    status_before: Option<String>,
+    status_after: Option<String>,
+    request_id: String,
+    peer: Option<String>,
+    detail: Option<String>,
+}
+
+impl AuditColumns {
+    pub(crate) fn into_event(self, id: i64, occurred_at: DateTime<Utc>) -> Result<AuditEvent> {
+        let status = |s: Option<String>| s.map(|s| stored("status", &s, KeyStatus::parse)).transpose();
         Ok(AuditEvent {
             id,
             occurred_at,
-            organization_id: required("organization_id")?,
-            actor: required("actor")?,
-            principal: required("principal")?,
-            action: AuditAction::parse(&action)
-                .ok_or_else(|| Error::internal(anyhow::anyhow!("unknown action {action:?} in audit log")))?,
-            key_id: text("key_id")?,
-            key_prefix: text("key_prefix")?,
-            status_before: status("status_before")?,
-            status_after: status("status_after")?,
-            request_id: required("request_id")?,
-            peer: text("peer")?,
-            detail: text("detail")?,
+            organization_id: self.organization_id,
+            actor: self.actor,
+            principal: self.principal,
+            action: stored("audit action", &self.action, AuditAction::parse)?,
+            key_id: self.key_id,
+            key_prefix: self.key_prefix,
+            status_before: status(self.status_before)?,
+            status_after: status(self.status_after)?,
+            request_id: self.request_id,
+            peer: self.peer,
+            detail: self.detail,
         })
     }
 }

@@ -1,8 +1,8 @@
 //! PostgreSQL backend: the production store, shared by every replica.
 
 use super::{
-    AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked,
-    merge_usage, plan_from, stored,
+    AuditColumns, AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, check_key_limit, created_action,
+    ensure_not_revoked, merge_usage, plan_from, stored,
 };
 use crate::{
     domain::model::{
@@ -68,6 +68,15 @@ struct KeyRow {
     last_used_at: Option<DateTime<Utc>>,
     expires_at: Option<DateTime<Utc>>,
     environment: String,
+}
+
+/// An audit row: the shared text columns plus this backend's id and time.
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    occurred_at: DateTime<Utc>,
+    #[sqlx(flatten)]
+    columns: AuditColumns,
 }
 
 fn key_from_row(row: &PgRow) -> Result<ApiKey> {
@@ -336,10 +345,9 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| {
-                AuditRecord::event_from(r.try_get("id")?, r.try_get("occurred_at")?, |c| {
-                    r.try_get::<Option<String>, _>(c).map_err(Error::from)
-                })
+            .map(|row| {
+                let r = AuditRow::from_row(row)?;
+                r.columns.into_event(r.id, r.occurred_at)
             })
             .collect()
     }

@@ -3,8 +3,8 @@
 //! plan-limit check) take SQLite's write lock up front with `BEGIN IMMEDIATE`.
 
 use super::{
-    AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked, merge_usage,
-    plan_from, stored,
+    AuditColumns, AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked,
+    merge_usage, plan_from, stored,
 };
 use crate::{
     domain::model::{
@@ -151,6 +151,15 @@ struct KeyRow {
     last_used_at: Option<i64>,
     expires_at: Option<i64>,
     environment: String,
+}
+
+/// An audit row: the shared text columns plus this backend's id and time.
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    occurred_at: i64,
+    #[sqlx(flatten)]
+    columns: AuditColumns,
 }
 
 fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
@@ -421,10 +430,9 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| {
-                AuditRecord::event_from(r.try_get("id")?, from_micros(r.try_get("occurred_at")?)?, |c| {
-                    r.try_get::<Option<String>, _>(c).map_err(Error::from)
-                })
+            .map(|row| {
+                let r = AuditRow::from_row(row)?;
+                r.columns.into_event(r.id, from_micros(r.occurred_at)?)
             })
             .collect()
     }
