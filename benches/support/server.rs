@@ -1,6 +1,8 @@
 //! The server under test as a child process: making sure the binary is built,
-//! its environment (only the bench's settings), starting it, waiting until it
+//! its environment (only the caller's settings), starting it, waiting until it
 //! answers health, stopping or killing it; and the bench's own ports and signals.
+//! Shared with the integration tests (`tests/common` includes this file): their
+//! `ServerProcess` starts, probes and stops the server with the same functions.
 
 use std::{
     io::Read as _,
@@ -85,6 +87,35 @@ pub fn server_command(server_bin: &Path, env: &[(String, String)]) -> Command {
     cmd
 }
 
+/// Whether the server at `addr` answers gRPC health with SERVING.
+pub async fn serving(addr: SocketAddr) -> bool {
+    let Ok(ch) = Endpoint::from_shared(format!("http://{addr}")).expect("endpoint").connect().await else {
+        return false;
+    };
+    let r = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await;
+    r.is_ok_and(|r| r.get_ref().status() == ServingStatus::Serving)
+}
+
+/// Polls [`serving`] every `every` until it holds (true) or `limit` passes (false).
+pub async fn wait_serving(addr: SocketAddr, limit: Duration, every: Duration) -> bool {
+    let give_up = Instant::now() + limit;
+    while !serving(addr).await {
+        if Instant::now() >= give_up {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+    true
+}
+
+/// SIGTERM to a child, as an orchestrator stopping a pod would.
+pub fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
 /// One server process (`serve`); stopped on drop, panics included.
 pub struct Server {
     child: Option<Child>,
@@ -134,17 +165,9 @@ impl Server {
 
     /// Waits (up to 60 s) until the server answers health with SERVING.
     pub async fn wait_ready(&self) {
-        let give_up = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(ch) = Endpoint::from_shared(format!("http://{}", self.addr)).expect("endpoint").connect().await {
-                let r = HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await;
-                if r.is_ok_and(|r| r.get_ref().status() == ServingStatus::Serving) {
-                    return;
-                }
-            }
-            assert!(Instant::now() < give_up, "server did not become SERVING in 60 s; log:\n{}", self.read_log());
-            // Short: verify's restart phase times the first SERVING answer with it.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // Short polls: verify's restart phase times the first SERVING answer with it.
+        if !wait_serving(self.addr, Duration::from_secs(60), Duration::from_millis(5)).await {
+            panic!("server did not become SERVING in 60 s; log:\n{}", self.read_log());
         }
     }
 
@@ -169,7 +192,7 @@ impl Server {
         if let Some(c) = &mut self.child
             && !matches!(c.try_wait(), Ok(Some(_)))
         {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).stderr(Stdio::null()).status();
+            sigterm(c);
         }
     }
 

@@ -2,6 +2,11 @@
 //! SQLite file), and the real server on an ephemeral port with a tonic client.
 
 pub mod cluster;
+/// The benches' child-process helpers (one source for starting, probing and
+/// stopping the server binary); the tests use part of them.
+#[allow(dead_code)]
+#[path = "../../benches/support/server.rs"]
+pub mod server;
 
 use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
@@ -378,45 +383,29 @@ impl ServerProcess {
     pub async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_takumo-keys"));
-        cmd.arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("TAKUMO_LISTEN", addr.to_string())
-            .env("DATABASE_URL", database_url)
-            .env("TAKUMO_PEPPER", PEPPER)
-            .env("TAKUMO_SERVICE_TOKENS", format!("dashboard={SERVICE_TOKEN}"))
-            .env("TAKUMO_ARGON2_MEMORY_KIB", "256")
-            .env("TAKUMO_ARGON2_ITERATIONS", "1")
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null());
+        let mut owned: Vec<(String, String)> = vec![
+            ("TAKUMO_LISTEN".into(), addr.to_string()),
+            ("DATABASE_URL".into(), database_url.into()),
+            ("TAKUMO_PEPPER".into(), PEPPER.into()),
+            ("TAKUMO_SERVICE_TOKENS".into(), format!("dashboard={SERVICE_TOKEN}")),
+            ("TAKUMO_ARGON2_MEMORY_KIB".into(), "256".into()),
+            ("TAKUMO_ARGON2_ITERATIONS".into(), "1".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        owned.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut cmd = server::server_command(std::path::Path::new(env!("CARGO_BIN_EXE_takumo-keys")), &owned);
+        cmd.arg("serve").stdout(std::process::Stdio::null());
         if std::env::var_os("TEST_LOG").is_none() {
             cmd.stderr(std::process::Stdio::null());
         }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         let child = cmd.spawn().expect("start takumo-keys");
         let me = Self { child, addr };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if me.serving().await {
-                return me;
-            }
-            assert!(std::time::Instant::now() < deadline, "server did not become healthy in 10 s");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    }
-
-    pub async fn serving(&self) -> bool {
-        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-        let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await else {
-            return false;
-        };
-        HealthClient::new(channel)
-            .check(HealthCheckRequest { service: String::new() })
-            .await
-            .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+        let ready = std::time::Duration::from_secs(10);
+        assert!(
+            server::wait_serving(addr, ready, std::time::Duration::from_millis(50)).await,
+            "server did not become healthy in {ready:?}"
+        );
+        me
     }
 
     pub async fn client(&self) -> ApiKeyServiceClient<Channel> {
@@ -431,10 +420,7 @@ impl ServerProcess {
 
     /// Sends SIGTERM, as an orchestrator stopping a pod would.
     pub fn terminate(&self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
+        server::sigterm(&self.child);
     }
 
     /// Waits for the process to exit (10 s deadline) and returns its status.
