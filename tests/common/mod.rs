@@ -2,13 +2,16 @@
 //! SQLite file), and the real server on an ephemeral port with a tonic client.
 
 pub mod cluster;
+/// The benches' throwaway PostgreSQL database: one way to make and drop one.
+#[allow(dead_code)]
+#[path = "../../benches/support/pgdb.rs"]
+pub mod pgdb;
 /// The benches' child-process helpers (one source for starting, probing and
 /// stopping the server binary); the tests use part of them.
 #[allow(dead_code)]
 #[path = "../../benches/support/server.rs"]
 pub mod server;
 
-use sqlx::{Connection, PgConnection};
 use std::sync::Arc;
 use takumo_keys::{
     domain::secret::SecretString,
@@ -44,14 +47,14 @@ fn admin_url() -> String {
 /// A database that lives as long as this guard.
 pub struct TestDb {
     pub url: String,
-    pg_name: Option<String>,
+    _pg: Option<pgdb::PgDatabase>,
     _dir: Option<TempDir>,
 }
 
 impl TestDb {
     /// A database someone else owns (e.g. a test's own cluster); nothing is dropped.
     pub fn external(url: String) -> Self {
-        Self { url, pg_name: None, _dir: None }
+        Self { url, _pg: None, _dir: None }
     }
 
     pub async fn new(backend: Backend) -> Self {
@@ -59,66 +62,20 @@ impl TestDb {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let url = format!("sqlite://{}", dir.path().join("keys.db").display());
-                Self { url, pg_name: None, _dir: Some(dir) }
+                Self { url, _pg: None, _dir: Some(dir) }
             }
             Backend::Postgres => {
-                let admin = admin_url();
-                let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+                let db = pgdb::PgDatabase::create_on(&admin_url(), "tk_test").unwrap_or_else(|e| {
                     panic!(
                         "PostgreSQL is not reachable at TEST_DATABASE_URL ({e}). Start it with \
                          `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
                          or point TEST_DATABASE_URL at a server where user postgres may create databases"
                     )
                 });
-                let name = format!("tk_test_{}", uuid_like());
-                // The name is ours (letters only), so building the SQL is safe.
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create test database");
-                Self { url: with_database(&admin, &name), pg_name: Some(name), _dir: None }
+                Self { url: db.url(), _pg: Some(db), _dir: None }
             }
         }
     }
-}
-
-/// `admin` with its database path replaced by `name`, query string kept.
-fn with_database(admin: &str, name: &str) -> String {
-    let (base, query) = admin.split_once('?').map_or((admin, None), |(b, q)| (b, Some(q)));
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..].find('/').map_or(base.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{name}", &base[..host_end]);
-    if let Some(q) = query {
-        url.push('?');
-        url.push_str(q);
-    }
-    url
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let Some(name) = self.pg_name.take() else {
-            return;
-        };
-        // Drop runs inside or outside a runtime; a thread of its own works in both.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-fn uuid_like() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..16).map(|_| char::from(b'a' + rng.random_range(0..26))).collect()
 }
 
 /// A store on a fresh database, for the conformance suite.
