@@ -139,6 +139,7 @@ impl From<ApiKey> for pb::ApiKey {
             last_used_at: k.last_used_at.map(timestamp),
             expires_at: k.expires_at.map(timestamp),
             environment: pb::Environment::from(k.environment) as i32,
+            metadata: k.metadata.into_iter().collect(),
         }
     }
 }

@@ -119,6 +119,7 @@ pub fn create_body(org: &str, name: String) -> CreateKeyRequest {
         scopes: Some(pb::create_key_request::Scopes::Preset(pb::ScopePreset::ReadOnly as i32)),
         environment: pb::Environment::Live as i32,
         expires_at: None,
+        ..Default::default()
     }
 }
 

@@ -89,6 +89,7 @@ pub fn create_key_req(name: &str) -> CreateKeyRequest {
         scopes: Some(pb::create_key_request::Scopes::Preset(pb::ScopePreset::Workspace as i32)),
         environment: pb::Environment::Live as i32,
         expires_at: None,
+        ..Default::default()
     }
 }
 

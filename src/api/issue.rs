@@ -5,7 +5,7 @@
 use crate::{
     domain::{
         keys,
-        model::{ApiKey, AuditContext, Environment, NewKey},
+        model::{ApiKey, AuditContext, Environment, Metadata, NewKey},
         secret::SecretString,
     },
     error::{Error, Result},
@@ -22,6 +22,8 @@ pub struct KeySpec {
     pub created_by: String,
     pub environment: Environment,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Validated already (`validate::metadata`).
+    pub metadata: Metadata,
 }
 
 /// Generates, hashes and stores a key; returns it with the full key string,
@@ -56,6 +58,7 @@ pub async fn issue_key(
                 created_at: truncate_micros(Utc::now()),
                 expires_at: spec.expires_at,
                 environment: spec.environment,
+                metadata: spec.metadata,
                 secret_hash,
             },
             audit,

@@ -104,11 +104,13 @@ impl KeysService {
             return Err(Error::invalid("expires_at must be in the future"));
         }
         let expires_at = caller.new_key_expiry(requested)?;
+        validate::metadata("metadata", &r.metadata)?;
+        let metadata = r.metadata.into_iter().collect();
 
         let (key, secret) = issue_key(
             &*self.store,
             &self.hasher,
-            KeySpec { organization_id, name: r.name, scopes: scope_set, created_by, environment, expires_at },
+            KeySpec { organization_id, name: r.name, scopes: scope_set, created_by, environment, expires_at, metadata },
             &caller.audit(),
         )
         .await?;
@@ -331,6 +333,7 @@ fn verify_response(v: Verdict) -> pb::VerifyKeyResponse {
         r.created_by = key.created_by.clone();
         r.scopes = key.scopes.clone();
         r.environment = pb::Environment::from(key.environment) as i32;
+        r.metadata = key.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
     r
 }

@@ -127,7 +127,12 @@ pub struct ApiKey {
     pub last_used_at: Option<DateTime<Utc>>,
     pub expires_at: Option<DateTime<Utc>>,
     pub environment: Environment,
+    /// The caller's labels, validated by `validate::metadata`; never a secret.
+    pub metadata: Metadata,
 }
+
+/// A key's metadata: labels sorted by name.
+pub type Metadata = std::collections::BTreeMap<String, String>;
 
 impl ApiKey {
     /// This key's position in `ListKeys` order, where the next page starts after.
@@ -152,6 +157,7 @@ pub struct NewKey {
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub environment: Environment,
+    pub metadata: Metadata,
     pub secret_hash: StoredHash,
 }
 

@@ -48,6 +48,56 @@ pub fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// Most metadata entries a key may carry.
+pub const MAX_METADATA_ENTRIES: usize = 16;
+/// Longest metadata key, in bytes (keys are ASCII).
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// Longest metadata value, in characters.
+pub const MAX_METADATA_VALUE_LEN: usize = 256;
+/// Most bytes of metadata in all (keys and values).
+pub const MAX_METADATA_BYTES: usize = 4096;
+
+/// A key's metadata: at most 16 entries, keys `[a-z0-9_.-]{1,64}`, values at
+/// most 256 printable characters, 4 KiB in all. A refusal names the entry
+/// (by its key, quoted and cut to 64 characters), never its value.
+pub fn metadata<'a>(field: &str, entries: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<()> {
+    let mut count = 0;
+    let mut bytes = 0;
+    for (k, v) in entries {
+        count += 1;
+        bytes += k.len() + v.len();
+        let shown = format!("{:?}", k.chars().take(MAX_METADATA_KEY_LEN).collect::<String>());
+        if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
+            return Err(Error::invalid(format!(
+                "{field} key {shown} must be 1–{MAX_METADATA_KEY_LEN} characters of a-z, 0-9, `_`, `.`, `-`"
+            )));
+        }
+        if !k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')) {
+            return Err(Error::invalid(format!("{field} key {shown} may hold only a-z, 0-9, `_`, `.` and `-`")));
+        }
+        let len = v.chars().count();
+        if len > MAX_METADATA_VALUE_LEN {
+            return Err(Error::invalid(format!(
+                "{field}[{shown}] is {len} characters long; at most {MAX_METADATA_VALUE_LEN} are allowed"
+            )));
+        }
+        if v.chars().any(|c| c.is_control() || is_invisible_format(c)) {
+            return Err(Error::invalid(format!(
+                "{field}[{shown}] must hold printable characters only (no control, invisible or text-direction characters)"
+            )));
+        }
+    }
+    if count > MAX_METADATA_ENTRIES {
+        return Err(Error::invalid(format!("{field} has {count} entries; at most {MAX_METADATA_ENTRIES} are allowed")));
+    }
+    if bytes > MAX_METADATA_BYTES {
+        return Err(Error::invalid(format!(
+            "{field} holds {bytes} bytes of keys and values; at most {MAX_METADATA_BYTES} are allowed"
+        )));
+    }
+    Ok(())
+}
+
 /// An identifier from another system (organization, member): 1–64 printable
 /// characters without whitespace.
 pub fn ident(field: &str, value: &str) -> Result<()> {
@@ -72,5 +122,34 @@ mod tests {
         for ok in ["cursor-dev", "CI pipeline 🚀", "Größe", "مفتاح", "鍵"] {
             assert!(name("name", ok).is_ok(), "{ok:?}");
         }
+    }
+
+    #[test]
+    fn metadata_is_bounded_and_a_refusal_names_the_entry_not_its_value() {
+        use std::collections::BTreeMap;
+        let check = |pairs: &[(&str, &str)]| {
+            let m: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            metadata("metadata", &m).map_err(|e| e.to_string())
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&[("tenant", "acme-eu"), ("plan.tier", "pro"), ("owner_id", ""), ("a-b", "ünïcode ok")]).is_ok());
+        let e = check(&[("Tenant", "s3cr3t-value")]).unwrap_err();
+        assert!(e.contains("\"Tenant\"") && !e.contains("s3cr3t"), "{e}");
+        assert!(check(&[("", "x")]).unwrap_err().contains("key \"\""));
+        assert!(check(&[(&*"k".repeat(64), "x")]).is_ok());
+        assert!(check(&[(&*"k".repeat(65), "x")]).is_err());
+        assert!(check(&[("k", &*"v".repeat(256))]).is_ok());
+        let e = check(&[("k", &*"v".repeat(257))]).unwrap_err();
+        assert!(e.contains("metadata[\"k\"]") && e.contains("257"), "{e}");
+        assert!(check(&[("k", "line\nbreak")]).is_err());
+        assert!(check(&[("k", "rtl\u{202E}txt")]).is_err());
+        let many: Vec<(String, String)> = (0..17).map(|i| (format!("k{i}"), "v".into())).collect();
+        let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert!(check(&refs[..16]).is_ok());
+        assert!(check(&refs).unwrap_err().contains("17 entries"));
+        // 16 entries of 64 + 200 bytes: 4,224 bytes, over 4 KiB.
+        let big: Vec<(String, String)> = (0..16).map(|i| (format!("{i:0>64}"), "v".repeat(200))).collect();
+        let refs: Vec<(&str, &str)> = big.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert!(check(&refs).unwrap_err().contains("4096"));
     }
 }

@@ -39,6 +39,7 @@ pub async fn bootstrap(args: &BootstrapArgs) -> Result<(ApiKey, SecretString)> {
             created_by: args.member.clone(),
             environment: Environment::Live,
             expires_at: None,
+            metadata: Default::default(),
         },
         &AuditContext::operator(&args.member),
     )

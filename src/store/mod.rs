@@ -27,8 +27,8 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     domain::model::{
-        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, ListFilter, NewKey,
-        Organization, Plan, StoredHash, UsageDelta,
+        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, ListFilter, Metadata,
+        NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
     error::{Error, Result},
 };
@@ -183,6 +183,16 @@ impl From<sqlx::Error> for Error {
 /// (or newer) database, INTERNAL.
 pub(crate) fn stored<T>(what: &str, value: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T> {
     parse(value).ok_or_else(|| Error::internal(anyhow::anyhow!("unknown {what} {value:?} in store")))
+}
+
+/// A key's metadata as both backends store it: a JSON object of strings.
+pub(crate) fn metadata_json(m: &Metadata) -> String {
+    serde_json::to_string(m).expect("a map of strings serializes")
+}
+
+pub(crate) fn metadata_from(stored: &str) -> Result<Metadata> {
+    serde_json::from_str(stored)
+        .map_err(|e| Error::internal(anyhow::anyhow!("key metadata in store is not a JSON object of strings: {e}")))
 }
 
 pub(crate) fn plan_from(value: &str) -> Result<Plan> {

@@ -2,7 +2,7 @@
 
 use super::{
     AuditColumns, AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, check_key_limit, created_action,
-    ensure_not_revoked, merge_usage, plan_from, stored,
+    ensure_not_revoked, merge_usage, metadata_from, metadata_json, plan_from, stored,
 };
 use crate::{
     domain::model::{
@@ -27,7 +27,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 macro_rules! key_columns {
     () => {
         "id, organization_id, name, prefix, status, scopes, created_by, \
-         created_at, last_used_at, expires_at, environment"
+         created_at, last_used_at, expires_at, environment, metadata"
     };
 }
 
@@ -68,6 +68,7 @@ struct KeyRow {
     last_used_at: Option<DateTime<Utc>>,
     expires_at: Option<DateTime<Utc>>,
     environment: String,
+    metadata: String,
 }
 
 /// An audit row: the shared text columns plus this backend's id and time.
@@ -93,6 +94,7 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey> {
         last_used_at: r.last_used_at,
         expires_at: r.expires_at,
         environment: stored("environment", &r.environment, Environment::parse)?,
+        metadata: metadata_from(&r.metadata)?,
     })
 }
 
@@ -137,8 +139,8 @@ impl Store for PostgresStore {
         }
         let row = sqlx::query(concat!(
             "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
-             created_at, expires_at, environment, secret_hash, pepper_id) \
-             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11) RETURNING ",
+             created_at, expires_at, environment, secret_hash, pepper_id, metadata) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
             key_columns!()
         ))
         .bind(&key.id)
@@ -152,6 +154,7 @@ impl Store for PostgresStore {
         .bind(key.environment.as_str())
         .bind(&key.secret_hash.phc)
         .bind(&key.secret_hash.pepper_id)
+        .bind(metadata_json(&key.metadata))
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match e {

@@ -4,7 +4,7 @@
 
 use super::{
     AuditColumns, AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked,
-    merge_usage, plan_from, stored,
+    merge_usage, metadata_from, metadata_json, plan_from, stored,
 };
 use crate::{
     domain::model::{
@@ -28,7 +28,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 macro_rules! key_columns {
     () => {
         "id, organization_id, name, prefix, status, scopes, created_by, \
-         created_at, last_used_at, expires_at, environment"
+         created_at, last_used_at, expires_at, environment, metadata"
     };
 }
 
@@ -151,6 +151,7 @@ struct KeyRow {
     last_used_at: Option<i64>,
     expires_at: Option<i64>,
     environment: String,
+    metadata: String,
 }
 
 /// An audit row: the shared text columns plus this backend's id and time.
@@ -176,6 +177,7 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
         last_used_at: opt_from_micros(r.last_used_at)?,
         expires_at: opt_from_micros(r.expires_at)?,
         environment: stored("environment", &r.environment, Environment::parse)?,
+        metadata: metadata_from(&r.metadata)?,
     })
 }
 
@@ -220,8 +222,8 @@ impl Store for SqliteStore {
         }
         let row = sqlx::query(concat!(
             "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
-             created_at, expires_at, environment, secret_hash, pepper_id, updated_at) \
-             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+             created_at, expires_at, environment, secret_hash, pepper_id, updated_at, metadata) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
             key_columns!()
         ))
         .bind(&key.id)
@@ -236,6 +238,7 @@ impl Store for SqliteStore {
         .bind(&key.secret_hash.phc)
         .bind(&key.secret_hash.pepper_id)
         .bind(now)
+        .bind(metadata_json(&key.metadata))
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match e {

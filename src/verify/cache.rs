@@ -274,6 +274,7 @@ mod tests {
             last_used_at: None,
             expires_at: None,
             environment: Environment::Live,
+            metadata: Default::default(),
         })
     }
 

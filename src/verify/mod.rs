@@ -553,6 +553,7 @@ mod tests {
             last_used_at: None,
             expires_at,
             environment: Environment::Live,
+            metadata: Default::default(),
         }
     }
 

@@ -322,6 +322,7 @@ pub async fn expired_key(app: &TestApp, org: &str) -> String {
         created_by: "alice".into(),
         environment: Environment::Live,
         expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
+        metadata: Default::default(),
     };
     let (_, secret) = issue_key(&*app.store, &hasher, spec, &AuditContext::operator("alice")).await.unwrap();
     secret.into_exposed()

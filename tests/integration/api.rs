@@ -432,6 +432,7 @@ async fn expired_key_verifies_as_expired(b: Backend) {
             created_by: "alice".into(),
             environment: Environment::Live,
             expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
+            metadata: Default::default(),
         },
         &takumo_keys::domain::model::AuditContext::operator("alice"),
     )
@@ -944,7 +945,62 @@ async fn a_downgrade_blocks_the_next_create(b: Backend) {
     assert_eq!(key_stats(&app, "acme").await.keys_counted, 4, "existing keys are kept");
 }
 
+async fn metadata_is_stored_listed_and_returned_by_verify(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let metadata: std::collections::HashMap<String, String> =
+        [("tenant".to_string(), "acme-eu".to_string()), ("plan.tier".to_string(), "pro".to_string())].into();
+    let req = pb::CreateKeyRequest {
+        metadata: metadata.clone(),
+        ..create_req("acme", "gateway", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)))
+    };
+    let created = app.client.clone().create_key(as_service(req, "alice")).await.unwrap().into_inner();
+    let key = created.key.unwrap();
+    assert_eq!(key.metadata, metadata);
+    let got = app.client.clone().get_key(as_service(pb::GetKeyRequest { id: key.id.clone() }, "a")).await.unwrap();
+    assert_eq!(got.into_inner().metadata, metadata);
+    let listed = app
+        .client
+        .clone()
+        .list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.keys[0].metadata, metadata);
+    // Cold (store read and argon2), then warm (from the cache): the same labels.
+    for _ in 0..2 {
+        let v = app.verify(&created.secret, &[], None).await;
+        assert!(v.valid);
+        assert_eq!(v.metadata, metadata);
+    }
+    // A refused key still names itself, labels included; a malformed one says nothing.
+    assert_eq!(app.verify(&created.secret, &["audit.export"], None).await.metadata, metadata);
+    assert!(app.verify("tk_live_garbage", &[], None).await.metadata.is_empty());
+}
+
+async fn invalid_metadata_is_invalid_argument_naming_the_entry_and_creates_nothing(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let cases: Vec<(Vec<(String, String)>, &str)> = vec![
+        (vec![("Tenant".into(), "x".into())], "\"Tenant\""),
+        (vec![("k".into(), "v".repeat(257))], "metadata[\"k\"]"),
+        (vec![("k".into(), "line\nbreak".into())], "metadata[\"k\"]"),
+        ((0..17).map(|i| (format!("k{i}"), "v".into())).collect(), "17 entries"),
+        ((0..16).map(|i| (format!("{i:0>64}"), "v".repeat(200))).collect(), "4096"),
+    ];
+    for (entries, named) in cases {
+        let req = pb::CreateKeyRequest {
+            metadata: entries.into_iter().collect(),
+            ..create_req("acme", "k", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)))
+        };
+        let e = app.client.clone().create_key(as_service(req, "alice")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(named), "{named} not in {:?}", e.message());
+    }
+    assert_eq!(key_stats(&app, "acme").await.total_keys, 0, "a refused create created a key");
+}
+
 for_each_backend!(
+    metadata_is_stored_listed_and_returned_by_verify,
+    invalid_metadata_is_invalid_argument_naming_the_entry_and_creates_nothing,
     audit_queries_honour_since_until_and_action_through_the_rpc,
     export_streams_every_event_past_one_batch,
     list_keys_filters_by_status_and_pages_by_fifty,

@@ -40,6 +40,7 @@ async fn service_key(
         scopes: Some(scopes),
         environment: environment as i32,
         expires_at,
+        ..Default::default()
     };
     let r = c.create_key(as_service(req, "alice")).await.unwrap().into_inner();
     (r.key.unwrap(), r.secret)

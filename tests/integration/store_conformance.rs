@@ -37,6 +37,8 @@ fn new_key(org: &str, created_by: &str) -> NewKey {
         created_at: truncate_micros(Utc::now()),
         expires_at: None,
         environment: Environment::Live,
+        // Non-empty, with characters JSON must escape: every test round-trips it.
+        metadata: [("tenant".into(), "acme \"eu\"".into()), ("plan.tier".into(), "pro/ü".into())].into(),
         secret_hash: StoredHash {
             phc: "$argon2id$v=19$m=256,t=1,p=1$c2FsdHNhbHQ$aGFzaA".into(),
             pepper_id: "0badc0de".into(),
@@ -53,6 +55,7 @@ async fn create_key_then_get_returns_the_same_key(b: Backend) {
     assert_eq!(created.scopes, nk.scopes);
     assert_eq!(created.created_at, nk.created_at);
     assert_eq!(created.last_used_at, None);
+    assert_eq!(created.metadata, nk.metadata);
     let got = s.get_key(&nk.id).await.unwrap().unwrap();
     assert_eq!(got, created);
     let (with_hash, phc) = s.get_key_with_hash(&nk.id).await.unwrap().unwrap();

@@ -237,6 +237,7 @@ async fn a_key_hashed_with_other_parameters_is_rehashed_once_after_it_verifies(b
         created_by: "alice".into(),
         environment: Environment::Live,
         expires_at: None,
+        metadata: Default::default(),
     };
     let (key, secret) = issue_key(&*app.store, &old, spec, &AuditContext::operator("alice")).await.unwrap();
     let (_, before) = app.store.get_key_with_hash(&key.id).await.unwrap().unwrap();
