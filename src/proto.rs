@@ -157,6 +157,7 @@ impl From<AuditAction> for pb::AuditAction {
             AuditAction::KeyDeleted => Self::KeyDeleted,
             AuditAction::PlanChanged => Self::PlanChanged,
             AuditAction::Bootstrap => Self::Bootstrap,
+            AuditAction::KeyUpdated => Self::KeyUpdated,
         }
     }
 }
@@ -171,6 +172,7 @@ pub fn audit_action(v: i32) -> Result<Option<AuditAction>> {
         pb::AuditAction::KeyDeleted => Some(AuditAction::KeyDeleted),
         pb::AuditAction::PlanChanged => Some(AuditAction::PlanChanged),
         pb::AuditAction::Bootstrap => Some(AuditAction::Bootstrap),
+        pb::AuditAction::KeyUpdated => Some(AuditAction::KeyUpdated),
     })
 }
 

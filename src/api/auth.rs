@@ -85,12 +85,13 @@ pub enum Rpc {
     SetOrganizationPlan,
     ListAuditEvents,
     ExportAuditEvents,
+    UpdateKey,
 }
 
 impl Rpc {
     /// Every RPC, in the proto's order (the unit test holds them to it).
     #[cfg(test)]
-    const ALL: [Rpc; 12] = [
+    const ALL: [Rpc; 13] = [
         Rpc::CreateKey,
         Rpc::GetKey,
         Rpc::ListKeys,
@@ -103,6 +104,7 @@ impl Rpc {
         Rpc::SetOrganizationPlan,
         Rpc::ListAuditEvents,
         Rpc::ExportAuditEvents,
+        Rpc::UpdateKey,
     ];
 
     /// The method name in `takumo.apikeys.v1.ApiKeyService`.
@@ -120,6 +122,7 @@ impl Rpc {
             Rpc::SetOrganizationPlan => "SetOrganizationPlan",
             Rpc::ListAuditEvents => "ListAuditEvents",
             Rpc::ExportAuditEvents => "ExportAuditEvents",
+            Rpc::UpdateKey => "UpdateKey",
         }
     }
 }
@@ -139,7 +142,9 @@ pub enum KeyAccess {
 /// variant does not compile until it is given a row here.
 pub fn rule(rpc: Rpc) -> KeyAccess {
     match rpc {
-        Rpc::CreateKey => KeyAccess::Scope(scopes::API_KEYS_CREATE),
+        // Editing a key is making it anew: the same scope, and (in the
+        // handler) the manage_all rule and scopes covering the target's.
+        Rpc::CreateKey | Rpc::UpdateKey => KeyAccess::Scope(scopes::API_KEYS_CREATE),
         Rpc::GetKey | Rpc::ListKeys | Rpc::GetKeyStats => KeyAccess::Scope(scopes::API_KEYS_READ),
         Rpc::SetKeyStatus | Rpc::RevokeKey | Rpc::DeleteKey => KeyAccess::Scope(scopes::API_KEYS_REVOKE),
         Rpc::ListScopes => KeyAccess::Authenticated,

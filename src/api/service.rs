@@ -8,7 +8,7 @@ use crate::{
     api::page_token,
     api::spans,
     domain::keys,
-    domain::model::{ApiKey, AuditFilter, KeyStatus, ListFilter},
+    domain::model::{ApiKey, AuditFilter, KeyStatus, KeyUpdate, ListFilter},
     domain::scopes,
     domain::validate,
     error::{Error, Result},
@@ -169,6 +169,65 @@ impl KeysService {
             .ok_or_else(|| Error::not_found(format!("key {} not found", r.id)))?;
         self.verifier.invalidate(&key.id);
         tracing::info!(key_id = %key.id, status = key.status.as_str(), "key status set");
+        Ok(key.into())
+    }
+
+    async fn update_key(&self, req: Request<pb::UpdateKeyRequest>) -> Result<pb::ApiKey> {
+        let caller = self.caller(&req, Rpc::UpdateKey).await?;
+        let r = req.into_inner();
+        let Some(key) = r.key else {
+            return Err(Error::invalid("key is required: name the key to change in `key.id`"));
+        };
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(Error::invalid(
+                "update_mask is required: name the fields to change (`name`, `metadata`, `expires_at`)",
+            ));
+        }
+        let target = self.managed_key(&caller, &key.id).await?;
+        caller.ensure_can_grant(&target.scopes)?;
+        let mut update = KeyUpdate::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => {
+                    validate::name("key.name", &key.name)?;
+                    update.name = Some(key.name.clone());
+                }
+                "metadata" => {
+                    validate::metadata("key.metadata", &key.metadata)?;
+                    update.metadata = Some(key.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+                }
+                "expires_at" => {
+                    let requested = key
+                        .expires_at
+                        .as_ref()
+                        .map(|t| proto::from_timestamp("key.expires_at", t))
+                        .transpose()?
+                        .map(truncate_micros);
+                    if requested.is_some_and(|t| t <= Utc::now()) {
+                        return Err(Error::invalid(
+                            "key.expires_at must be in the future (omit it to clear the expiry)",
+                        ));
+                    }
+                    // A key cannot outlive the key that changes it: an API-key
+                    // caller that expires cannot clear or extend past its own expiry.
+                    update.expires_at = Some(caller.new_key_expiry(requested)?);
+                }
+                other => {
+                    return Err(Error::invalid(format!(
+                        "update_mask path {:?} cannot be updated: use `name`, `metadata` or `expires_at`",
+                        other.chars().take(64).collect::<String>()
+                    )));
+                }
+            }
+        }
+        let key = self
+            .store
+            .update_key(&target.id, &update, &caller.audit())
+            .await?
+            .ok_or_else(|| Error::not_found(format!("key {} not found", target.id)))?;
+        self.verifier.invalidate(&key.id);
+        tracing::info!(key_id = %key.id, fields = ?update.fields(), "key updated");
         Ok(key.into())
     }
 
@@ -415,6 +474,9 @@ impl ApiKeyService for KeysService {
     }
     async fn set_key_status(&self, r: Request<pb::SetKeyStatusRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.respond(Rpc::SetKeyStatus, KeysService::set_key_status(self, r)).await
+    }
+    async fn update_key(&self, r: Request<pb::UpdateKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
+        self.respond(Rpc::UpdateKey, KeysService::update_key(self, r)).await
     }
     async fn revoke_key(&self, r: Request<pb::RevokeKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.respond(Rpc::RevokeKey, KeysService::revoke_key(self, r)).await

@@ -161,6 +161,33 @@ pub struct NewKey {
     pub secret_hash: StoredHash,
 }
 
+/// What UpdateKey changes: each field `Some` is set (for `expires_at`,
+/// `Some(None)` clears it); validated already.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub metadata: Option<Metadata>,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+impl KeyUpdate {
+    /// The names of the fields this update sets, for the audit log (never
+    /// their values: metadata is the caller's, and names may be too).
+    pub fn fields(&self) -> Vec<&'static str> {
+        let mut f = Vec::new();
+        if self.name.is_some() {
+            f.push("name");
+        }
+        if self.metadata.is_some() {
+            f.push("metadata");
+        }
+        if self.expires_at.is_some() {
+            f.push("expires_at");
+        }
+        f
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Organization {
     pub id: String,
@@ -248,16 +275,18 @@ pub enum AuditAction {
     KeyDeleted,
     PlanChanged,
     Bootstrap,
+    KeyUpdated,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 6] = [
+    pub const ALL: [AuditAction; 7] = [
         Self::KeyCreated,
         Self::KeyStatusChanged,
         Self::KeyRevoked,
         Self::KeyDeleted,
         Self::PlanChanged,
         Self::Bootstrap,
+        Self::KeyUpdated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -268,6 +297,7 @@ impl AuditAction {
             Self::KeyDeleted => "key.deleted",
             Self::PlanChanged => "organization.plan_changed",
             Self::Bootstrap => "bootstrap",
+            Self::KeyUpdated => "key.updated",
         }
     }
 

@@ -27,8 +27,8 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     domain::model::{
-        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, ListFilter, Metadata,
-        NewKey, Organization, Plan, StoredHash, UsageDelta,
+        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, KeyUpdate, ListFilter,
+        Metadata, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
     error::{Error, Result},
 };
@@ -72,6 +72,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets ACTIVE or DISABLED. A revoked key is `FailedPrecondition`.
     async fn set_status(&self, id: &str, status: KeyStatus, audit: &AuditContext) -> Result<Option<ApiKey>>;
+
+    /// Applies `update` (name, metadata, expiry) in one transaction, audited
+    /// with the changed field names and announced to every replica.
+    async fn update_key(&self, id: &str, update: &KeyUpdate, audit: &AuditContext) -> Result<Option<ApiKey>>;
 
     /// Moves the key to REVOKED (terminal). Revoking twice is not an error.
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>>;
@@ -283,6 +287,14 @@ impl<'a> AuditRecord<'a> {
             status_after,
             detail: None,
             ctx,
+        }
+    }
+
+    /// An UpdateKey: the detail names the changed fields, never their values.
+    pub fn for_update(key: &'a ApiKey, update: &KeyUpdate, ctx: &'a AuditContext) -> Self {
+        Self {
+            detail: Some(format!("changed: {}", update.fields().join(", "))),
+            ..Self::for_key(AuditAction::KeyUpdated, key, Some(key.status), Some(key.status), ctx)
         }
     }
 

@@ -9,7 +9,7 @@ use super::{
 use crate::{
     domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
-        ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
+        KeyUpdate, ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
     error::{Error, Result},
 };
@@ -344,6 +344,32 @@ impl Store for SqliteStore {
         let key = key_from_row(&row)?;
         let record =
             AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
+        append_audit(&mut tx, &record, now).await?;
+        tx.commit().await?;
+        Ok(Some(key))
+    }
+
+    async fn update_key(&self, id: &str, update: &KeyUpdate, audit: &AuditContext) -> Result<Option<ApiKey>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if read_key(&mut tx, id).await?.is_none() {
+            return Ok(None);
+        }
+        let now = now_micros();
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET name = coalesce($2, name), metadata = coalesce($3, metadata), \
+             expires_at = CASE WHEN $4 THEN $5 ELSE expires_at END, updated_at = $6 WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(update.name.as_deref())
+        .bind(update.metadata.as_ref().map(metadata_json))
+        .bind(update.expires_at.is_some())
+        .bind(update.expires_at.flatten().map(micros))
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let key = key_from_row(&row)?;
+        let record = AuditRecord::for_update(&key, update, audit);
         append_audit(&mut tx, &record, now).await?;
         tx.commit().await?;
         Ok(Some(key))

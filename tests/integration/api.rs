@@ -998,7 +998,130 @@ async fn invalid_metadata_is_invalid_argument_naming_the_entry_and_creates_nothi
     assert_eq!(key_stats(&app, "acme").await.total_keys, 0, "a refused create created a key");
 }
 
+fn update_req(key: pb::ApiKey, paths: &[&str]) -> pb::UpdateKeyRequest {
+    pb::UpdateKeyRequest {
+        key: Some(key),
+        update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+    }
+}
+
+async fn update_key_changes_only_the_masked_fields_and_is_audited(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, secret) = app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await;
+    assert!(app.verify(&secret, &[], None).await.valid, "warm the cache");
+    let labels: std::collections::HashMap<String, String> = [("tenant".to_string(), "acme-eu".to_string())].into();
+    let in_a_day = prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() + 86_400, nanos: 0 };
+    let change = pb::ApiKey {
+        id: key.id.clone(),
+        name: "renamed".into(),
+        metadata: labels.clone(),
+        expires_at: Some(in_a_day),
+        // Not in the mask: ignored.
+        scopes: vec!["audit.export".into()],
+        ..Default::default()
+    };
+    let mut c = app.client.clone();
+    let updated = c
+        .update_key(as_service(update_req(change, &["name", "metadata", "expires_at"]), "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((updated.name.as_str(), &updated.metadata), ("renamed", &labels));
+    assert_eq!(updated.expires_at.map(|t| t.seconds), Some(in_a_day.seconds));
+    assert_eq!(updated.scopes, key.scopes, "a field outside the mask is left alone");
+    // The cached record follows at once on this replica.
+    assert_eq!(app.verify(&secret, &[], None).await.metadata, labels);
+
+    // Metadata is replaced whole; an absent expires_at in the mask clears it.
+    let change = pb::ApiKey { id: key.id.clone(), ..Default::default() };
+    let cleared =
+        c.update_key(as_service(update_req(change, &["metadata", "expires_at"]), "alice")).await.unwrap().into_inner();
+    assert!(cleared.metadata.is_empty() && cleared.expires_at.is_none());
+    assert_eq!(cleared.name, "renamed");
+
+    let events = c
+        .list_audit_events(as_service(
+            pb::ListAuditEventsRequest {
+                organization_id: "acme".into(),
+                action: Some(pb::AuditAction::KeyUpdated as i32),
+                ..Default::default()
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let details: Vec<&str> = events.iter().map(|e| e.detail.as_str()).collect();
+    assert_eq!(details, ["changed: metadata, expires_at", "changed: name, metadata, expires_at"]);
+    assert!(!events.iter().any(|e| e.detail.contains("acme-eu")), "a metadata value reached the audit log");
+}
+
+async fn update_key_refuses_bad_masks_and_values_naming_them(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (key, _) = app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await;
+    let mut c = app.client.clone();
+    let with = |f: &dyn Fn(&mut pb::ApiKey)| {
+        let mut k = pb::ApiKey { id: key.id.clone(), name: "ok".into(), ..Default::default() };
+        f(&mut k);
+        k
+    };
+    let past = prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() - 60, nanos: 0 };
+    let cases: Vec<(pb::UpdateKeyRequest, &str)> = vec![
+        (pb::UpdateKeyRequest { key: None, update_mask: None }, "key is required"),
+        (update_req(with(&|_| {}), &[]), "update_mask is required"),
+        (update_req(with(&|_| {}), &["scopes"]), "\"scopes\""),
+        (update_req(with(&|_| {}), &["name", "status"]), "\"status\""),
+        (update_req(with(&|k| k.name = String::new()), &["name"]), "key.name"),
+        (
+            update_req(
+                with(&|k: &mut pb::ApiKey| k.metadata = [("Bad Key".to_string(), "v".to_string())].into()),
+                &["metadata"],
+            ),
+            "\"Bad Key\"",
+        ),
+        (update_req(with(&|k| k.expires_at = Some(past)), &["expires_at"]), "key.expires_at"),
+    ];
+    for (req, named) in cases {
+        let e = c.update_key(as_service(req, "alice")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(named), "{named} not in {:?}", e.message());
+    }
+    let unknown = pb::ApiKey { id: "0123456789ABCDEF".into(), name: "x".into(), ..Default::default() };
+    let e = c.update_key(as_service(update_req(unknown, &["name"]), "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let got = c.get_key(as_service(pb::GetKeyRequest { id: key.id.clone() }, "a")).await.unwrap().into_inner();
+    assert_eq!(got, key, "a refused update changed the key");
+}
+
+async fn an_api_key_cannot_extend_a_key_past_its_own_expiry(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    app.set_plan("acme", pb::Plan::Enterprise).await;
+    let own_expiry = chrono::Utc::now().timestamp() + 3_600;
+    let req = pb::CreateKeyRequest {
+        expires_at: Some(prost_types::Timestamp { seconds: own_expiry, nanos: 0 }),
+        ..create_req("acme", "admin", Some(Scopes::Preset(pb::ScopePreset::Organization as i32)))
+    };
+    let admin = app.client.clone().create_key(as_service(req, "alice")).await.unwrap().into_inner().secret;
+    let (target, _) = app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await;
+    let mut c = app.client.clone();
+    let later = pb::ApiKey {
+        id: target.id.clone(),
+        expires_at: Some(prost_types::Timestamp { seconds: own_expiry + 60, nanos: 0 }),
+        ..Default::default()
+    };
+    let e = c.update_key(with_bearer(update_req(later, &["expires_at"]), &admin)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    // Clearing the expiry gives the target the caller's own instead.
+    let clear = pb::ApiKey { id: target.id.clone(), ..Default::default() };
+    let k = c.update_key(with_bearer(update_req(clear, &["expires_at"]), &admin)).await.unwrap().into_inner();
+    assert_eq!(k.expires_at.map(|t| t.seconds), Some(own_expiry));
+}
+
 for_each_backend!(
+    update_key_changes_only_the_masked_fields_and_is_audited,
+    update_key_refuses_bad_masks_and_values_naming_them,
+    an_api_key_cannot_extend_a_key_past_its_own_expiry,
     metadata_is_stored_listed_and_returned_by_verify,
     invalid_metadata_is_invalid_argument_naming_the_entry_and_creates_nothing,
     audit_queries_honour_since_until_and_action_through_the_rpc,

@@ -52,7 +52,7 @@ const EVERYONE: [Who; 12] = [
 /// The scope the authorization table names for `rpc`, if any.
 fn required_scope(rpc: &str) -> Option<&'static str> {
     Some(match rpc {
-        "CreateKey" => "api_keys.create",
+        "CreateKey" | "UpdateKey" => "api_keys.create",
         "GetKey" | "ListKeys" | "GetKeyStats" => "api_keys.read",
         "SetKeyStatus" | "RevokeKey" | "DeleteKey" => "api_keys.revoke",
         "ListAuditEvents" => "audit.read",
@@ -61,7 +61,7 @@ fn required_scope(rpc: &str) -> Option<&'static str> {
     })
 }
 
-const RPCS: [&str; 12] = [
+const RPCS: [&str; 13] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -74,6 +74,7 @@ const RPCS: [&str; 12] = [
     "SetOrganizationPlan",
     "ListAuditEvents",
     "ExportAuditEvents",
+    "UpdateKey",
 ];
 
 /// The expected outcome of one cell.
@@ -90,7 +91,7 @@ fn expected(rpc: &str, who: Who) -> Code {
         _ if rpc == "VerifyKey" || rpc == "SetOrganizationPlan" => Code::PermissionDenied,
         Who::KeyLackingScope | Who::KeyLackingOnlyTheRequiredScope => Code::PermissionDenied,
         // Managing a key another member created needs `api_keys.manage_all`.
-        Who::OtherMemberWithoutManageAll if matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey") => {
+        Who::OtherMemberWithoutManageAll if matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "UpdateKey") => {
             Code::PermissionDenied
         }
         Who::OtherMemberWithoutManageAll => Code::Ok,
@@ -252,6 +253,17 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> (Code, S
             .await,
         ),
         "RevokeKey" => code(c.revoke_key(request!(pb::RevokeKeyRequest { id: target }, who, callers)).await),
+        "UpdateKey" => code(
+            c.update_key(request!(
+                pb::UpdateKeyRequest {
+                    key: Some(pb::ApiKey { id: target, name: "renamed".into(), ..Default::default() }),
+                    update_mask: Some(prost_types::FieldMask { paths: vec!["name".into()] }),
+                },
+                who,
+                callers,
+            ))
+            .await,
+        ),
         "DeleteKey" => code(c.delete_key(request!(pb::DeleteKeyRequest { id: target }, who, callers)).await),
         "VerifyKey" => code(
             c.verify_key(request!(pb::VerifyKeyRequest { key: target_secret, ..Default::default() }, who, callers))
@@ -324,7 +336,7 @@ async fn every_cell_of_the_matrix_has_its_exact_status(b: Backend) {
                 wrong.push(format!("{rpc} as {who:?}: the refusal does not name `{scope}`: {message}"));
             }
             if who == Who::OtherMemberWithoutManageAll
-                && matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey")
+                && matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "UpdateKey")
                 && !message.contains("manage_all")
             {
                 wrong.push(format!("{rpc} as {who:?}: the refusal does not name `api_keys.manage_all`: {message}"));

@@ -26,6 +26,26 @@ async fn two_replicas() -> (TestApp, TestApp) {
     (a, b)
 }
 
+/// UpdateKey on replica A reaches B's cached record at once (its notice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_reaches_another_replicas_cache() {
+    let (a, b) = two_replicas().await;
+    let (key, secret) = create(&a, "acme", None).await;
+    assert!(b.verify(&secret, &[], None).await.metadata.is_empty(), "cached on b, no labels yet");
+    let labels: std::collections::HashMap<String, String> = [("tenant".to_string(), "eu".to_string())].into();
+    let change = pb::ApiKey { id: key.id.clone(), metadata: labels.clone(), ..Default::default() };
+    let req = pb::UpdateKeyRequest {
+        key: Some(change),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["metadata".into()] }),
+    };
+    a.client.clone().update_key(as_service(req, "alice")).await.unwrap();
+    let start = Instant::now();
+    while b.verify(&secret, &[], None).await.metadata != labels {
+        assert!(start.elapsed() < Duration::from_secs(5), "b still serves the old labels after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn warm_verifications_read_nothing_from_the_store(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (_, secret) = create(&app, "acme", None).await;
