@@ -134,6 +134,28 @@ def main() -> int:
         key = stub.GetKey(pb.GetKeyRequest(id=state["id"]), metadata=auth, timeout=10)
         assert key.id == state["id"] and key.name == "python-client", key
 
+    def update_key_with_a_field_mask():
+        from google.protobuf import field_mask_pb2
+
+        change = pb.ApiKey(id=state["id"], name="python-renamed")
+        change.metadata["team"] = "platform"
+        key = stub.UpdateKey(
+            pb.UpdateKeyRequest(key=change, update_mask=field_mask_pb2.FieldMask(paths=["name", "metadata"])),
+            metadata=auth,
+            timeout=10,
+        )
+        assert key.name == "python-renamed" and dict(key.metadata) == {"team": "platform"}, key
+        resp = stub.VerifyKey(pb.VerifyKeyRequest(key=state["secret"]), metadata=auth, timeout=10)
+        assert resp.valid and dict(resp.metadata) == {"team": "platform"}, resp
+        expect_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda: stub.UpdateKey(
+                pb.UpdateKeyRequest(key=change, update_mask=field_mask_pb2.FieldMask(paths=["scopes"])),
+                metadata=auth,
+                timeout=10,
+            ),
+        )
+
     check("SetOrganizationPlan sets the developer plan", set_plan)
     check("CreateKey with the read-only preset returns a live key shown once", create_key)
     check("VerifyKey with a held scope is VALID", verify_valid)
@@ -142,6 +164,7 @@ def main() -> int:
     check("CreateKey without credentials is UNAUTHENTICATED", create_without_credentials)
     check("GetKey of an unknown id is NOT_FOUND", get_unknown_key)
     check("GetKey of the created key returns it", get_created_key)
+    check("UpdateKey changes the masked fields and VerifyKey returns the metadata", update_key_with_a_field_mask)
 
     channel.close()
     print(f"python check: {passed} passed, {failed} failed")
