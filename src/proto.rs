@@ -140,6 +140,8 @@ impl From<ApiKey> for pb::ApiKey {
             expires_at: k.expires_at.map(timestamp),
             environment: pb::Environment::from(k.environment) as i32,
             metadata: k.metadata.into_iter().collect(),
+            rotated_from: k.rotated_from.unwrap_or_default(),
+            rotated_to: k.rotated_to.unwrap_or_default(),
         }
     }
 }
@@ -158,6 +160,7 @@ impl From<AuditAction> for pb::AuditAction {
             AuditAction::PlanChanged => Self::PlanChanged,
             AuditAction::Bootstrap => Self::Bootstrap,
             AuditAction::KeyUpdated => Self::KeyUpdated,
+            AuditAction::KeyRolled => Self::KeyRolled,
         }
     }
 }
@@ -173,6 +176,7 @@ pub fn audit_action(v: i32) -> Result<Option<AuditAction>> {
         pb::AuditAction::PlanChanged => Some(AuditAction::PlanChanged),
         pb::AuditAction::Bootstrap => Some(AuditAction::Bootstrap),
         pb::AuditAction::KeyUpdated => Some(AuditAction::KeyUpdated),
+        pb::AuditAction::KeyRolled => Some(AuditAction::KeyRolled),
     })
 }
 

@@ -86,12 +86,13 @@ pub enum Rpc {
     ListAuditEvents,
     ExportAuditEvents,
     UpdateKey,
+    RollKey,
 }
 
 impl Rpc {
     /// Every RPC, in the proto's order (the unit test holds them to it).
     #[cfg(test)]
-    const ALL: [Rpc; 13] = [
+    const ALL: [Rpc; 14] = [
         Rpc::CreateKey,
         Rpc::GetKey,
         Rpc::ListKeys,
@@ -105,6 +106,7 @@ impl Rpc {
         Rpc::ListAuditEvents,
         Rpc::ExportAuditEvents,
         Rpc::UpdateKey,
+        Rpc::RollKey,
     ];
 
     /// The method name in `takumo.apikeys.v1.ApiKeyService`.
@@ -123,6 +125,7 @@ impl Rpc {
             Rpc::ListAuditEvents => "ListAuditEvents",
             Rpc::ExportAuditEvents => "ExportAuditEvents",
             Rpc::UpdateKey => "UpdateKey",
+            Rpc::RollKey => "RollKey",
         }
     }
 }
@@ -136,6 +139,8 @@ pub enum KeyAccess {
     Authenticated,
     /// A key holding this scope.
     Scope(&'static str),
+    /// A key holding every one of these scopes.
+    Scopes(&'static [&'static str]),
 }
 
 /// The authorization table: what an API key needs for each RPC. A new `Rpc`
@@ -147,6 +152,8 @@ pub fn rule(rpc: Rpc) -> KeyAccess {
         Rpc::CreateKey | Rpc::UpdateKey => KeyAccess::Scope(scopes::API_KEYS_CREATE),
         Rpc::GetKey | Rpc::ListKeys | Rpc::GetKeyStats => KeyAccess::Scope(scopes::API_KEYS_READ),
         Rpc::SetKeyStatus | Rpc::RevokeKey | Rpc::DeleteKey => KeyAccess::Scope(scopes::API_KEYS_REVOKE),
+        // Rolling creates a key and ends another.
+        Rpc::RollKey => KeyAccess::Scopes(&[scopes::API_KEYS_CREATE, scopes::API_KEYS_REVOKE]),
         Rpc::ListScopes => KeyAccess::Authenticated,
         Rpc::VerifyKey | Rpc::SetOrganizationPlan => KeyAccess::Denied,
         Rpc::ListAuditEvents => KeyAccess::Scope(scopes::AUDIT_READ),
@@ -167,6 +174,14 @@ pub fn authorize(caller: &Caller, rpc: Rpc) -> Result<()> {
         KeyAccess::Authenticated => Ok(()),
         KeyAccess::Scope(s) if key.scopes.iter().any(|k| k == s) => Ok(()),
         KeyAccess::Scope(s) => Err(Error::PermissionDenied(format!("this API key lacks the `{s}` scope"))),
+        KeyAccess::Scopes(needed) => match needed.iter().find(|s| !key.scopes.iter().any(|k| k == *s)) {
+            None => Ok(()),
+            Some(s) => Err(Error::PermissionDenied(format!(
+                "this API key lacks the `{s}` scope ({} needs {})",
+                rpc.name(),
+                needed.join(" and ")
+            ))),
+        },
     }
 }
 
@@ -458,6 +473,39 @@ mod tests {
             .collect();
         let ours: Vec<&str> = Rpc::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(ours, declared, "Rpc::ALL must list the proto's RPCs, in its order");
+    }
+
+    #[test]
+    fn an_rpc_needing_two_scopes_names_the_one_missing() {
+        let key = |scopes: &[&str]| {
+            let now = Utc::now();
+            Caller {
+                principal: Principal::Key(std::sync::Arc::new(ApiKey {
+                    id: "0123456789ABCDEF".into(),
+                    organization_id: "acme".into(),
+                    name: "k".into(),
+                    prefix: "tk_live_01234567".into(),
+                    status: crate::domain::model::KeyStatus::Active,
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    created_by: "alice".into(),
+                    created_at: now,
+                    last_used_at: None,
+                    expires_at: None,
+                    environment: Environment::Live,
+                    metadata: Default::default(),
+                    rotated_from: None,
+                    rotated_to: None,
+                })),
+                actor: None,
+                request_id: "r".into(),
+                peer: None,
+            }
+        };
+        let refusal = |c: &Caller| authorize(c, Rpc::RollKey).unwrap_err().to_string();
+        let lacks = |s: &str| format!("lacks the `{s}` scope");
+        assert!(refusal(&key(&[scopes::API_KEYS_CREATE])).contains(&lacks(scopes::API_KEYS_REVOKE)));
+        assert!(refusal(&key(&[scopes::API_KEYS_REVOKE])).contains(&lacks(scopes::API_KEYS_CREATE)));
+        assert!(authorize(&key(&[scopes::API_KEYS_CREATE, scopes::API_KEYS_REVOKE]), Rpc::RollKey).is_ok());
     }
 
     #[test]

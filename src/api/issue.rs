@@ -59,10 +59,44 @@ pub async fn issue_key(
                 expires_at: spec.expires_at,
                 environment: spec.environment,
                 metadata: spec.metadata,
+                rotated_from: None,
                 secret_hash,
             },
             audit,
         )
         .await?;
     Ok((key, generated.full))
+}
+
+/// Rolls key `old` (RollKey): a new id and secret with the old key's name,
+/// scopes, environment, metadata, expiry and creator, linked both ways; the
+/// old key keeps working for `grace` (none: revoked at once). Returns the new
+/// key, its full key string, and the old key as it is now.
+pub async fn roll_key(
+    store: &dyn Store,
+    hasher: &Hasher,
+    old: &ApiKey,
+    grace: chrono::Duration,
+    audit: &AuditContext,
+) -> Result<Option<(ApiKey, SecretString, ApiKey)>> {
+    // The store checks again inside its transaction; this saves the argon2
+    // of a roll that could never succeed.
+    crate::store::ensure_can_roll(old, Utc::now())?;
+    let generated = keys::generate(old.environment);
+    let secret_hash = hasher.hash(generated.full.clone()).await?;
+    let new = NewKey {
+        id: generated.id.clone(),
+        prefix: generated.display_prefix(),
+        organization_id: old.organization_id.clone(),
+        name: old.name.clone(),
+        scopes: old.scopes.clone(),
+        created_by: old.created_by.clone(),
+        created_at: truncate_micros(Utc::now()),
+        expires_at: old.expires_at,
+        environment: old.environment,
+        metadata: old.metadata.clone(),
+        rotated_from: Some(old.id.clone()),
+        secret_hash,
+    };
+    Ok(store.roll_key(&old.id, new, grace, audit).await?.map(|(key, previous)| (key, generated.full, previous)))
 }

@@ -4,7 +4,7 @@
 
 use crate::{
     api::auth::{Authenticator, Caller, Principal, Rpc, authorize},
-    api::issue::{KeySpec, issue_key},
+    api::issue::{KeySpec, issue_key, roll_key},
     api::page_token,
     api::spans,
     domain::keys,
@@ -231,6 +231,27 @@ impl KeysService {
         Ok(key.into())
     }
 
+    async fn roll_key(&self, req: Request<pb::RollKeyRequest>) -> Result<pb::RollKeyResponse> {
+        let caller = self.caller(&req, Rpc::RollKey).await?;
+        let r = req.into_inner();
+        let grace = grace_period(r.grace_period.as_ref())?;
+        let old = self.managed_key(&caller, &r.id).await?;
+        // The new key carries the old one's scopes: the caller must hold them,
+        // as if it created the new key itself.
+        caller.ensure_can_grant(&old.scopes)?;
+        let (key, secret, previous) = roll_key(&*self.store, &self.hasher, &old, grace, &caller.audit())
+            .await?
+            .ok_or_else(|| Error::not_found(format!("key {} not found", old.id)))?;
+        self.verifier.invalidate(&previous.id);
+        spans::record("key_id", &key.id);
+        tracing::info!(key_id = %key.id, previous = %previous.id, "key rolled");
+        Ok(pb::RollKeyResponse {
+            key: Some(key.into()),
+            secret: secret.into_exposed(),
+            previous: Some(previous.into()),
+        })
+    }
+
     async fn revoke_key(&self, req: Request<pb::RevokeKeyRequest>) -> Result<pb::ApiKey> {
         let caller = self.caller(&req, Rpc::RevokeKey).await?;
         let id = &req.get_ref().id;
@@ -369,6 +390,34 @@ impl KeysService {
     }
 }
 
+/// Longest grace period RollKey accepts.
+const MAX_GRACE: chrono::Duration = chrono::Duration::days(7);
+
+/// RollKey's `grace_period`: absent or zero is none; negative, a `nanos`
+/// field out of range or of the other sign, or more than 7 days is INVALID_ARGUMENT.
+fn grace_period(d: Option<&prost_types::Duration>) -> Result<chrono::Duration> {
+    let Some(d) = d else { return Ok(chrono::Duration::zero()) };
+    let in_range = d.nanos.abs() < 1_000_000_000 && !(d.seconds > 0 && d.nanos < 0) && !(d.seconds < 0 && d.nanos > 0);
+    if !in_range {
+        return Err(Error::invalid(
+            "grace_period is not a valid Duration: nanos must be within ±999,999,999 and of the same sign as seconds",
+        ));
+    }
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(Error::invalid("grace_period must not be negative (0 revokes the old key at once)"));
+    }
+    // Bounded before converting: chrono panics on seconds near i64::MAX.
+    let too_long = || Error::invalid("grace_period must be at most 7 days (604800s)");
+    if d.seconds > MAX_GRACE.num_seconds() {
+        return Err(too_long());
+    }
+    let grace = chrono::Duration::seconds(d.seconds) + chrono::Duration::nanoseconds(i64::from(d.nanos));
+    if grace > MAX_GRACE {
+        return Err(too_long());
+    }
+    Ok(grace)
+}
+
 /// A verdict as `VerifyKey` answers it: the key's identity whenever the
 /// secret was proven (so a caller can say which key was refused), nothing
 /// for a malformed or unknown key.
@@ -477,6 +526,9 @@ impl ApiKeyService for KeysService {
     }
     async fn update_key(&self, r: Request<pb::UpdateKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.respond(Rpc::UpdateKey, KeysService::update_key(self, r)).await
+    }
+    async fn roll_key(&self, r: Request<pb::RollKeyRequest>) -> Result<Response<pb::RollKeyResponse>, Status> {
+        self.respond(Rpc::RollKey, KeysService::roll_key(self, r)).await
     }
     async fn revoke_key(&self, r: Request<pb::RevokeKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.respond(Rpc::RevokeKey, KeysService::revoke_key(self, r)).await

@@ -129,6 +129,9 @@ pub struct ApiKey {
     pub environment: Environment,
     /// The caller's labels, validated by `validate::metadata`; never a secret.
     pub metadata: Metadata,
+    /// The key this one replaced, and the one that replaced it (RollKey).
+    pub rotated_from: Option<String>,
+    pub rotated_to: Option<String>,
 }
 
 /// A key's metadata: labels sorted by name.
@@ -158,6 +161,8 @@ pub struct NewKey {
     pub expires_at: Option<DateTime<Utc>>,
     pub environment: Environment,
     pub metadata: Metadata,
+    /// Set by RollKey: the key this one replaces.
+    pub rotated_from: Option<String>,
     pub secret_hash: StoredHash,
 }
 
@@ -276,10 +281,11 @@ pub enum AuditAction {
     PlanChanged,
     Bootstrap,
     KeyUpdated,
+    KeyRolled,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 7] = [
+    pub const ALL: [AuditAction; 8] = [
         Self::KeyCreated,
         Self::KeyStatusChanged,
         Self::KeyRevoked,
@@ -287,6 +293,7 @@ impl AuditAction {
         Self::PlanChanged,
         Self::Bootstrap,
         Self::KeyUpdated,
+        Self::KeyRolled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -298,6 +305,7 @@ impl AuditAction {
             Self::PlanChanged => "organization.plan_changed",
             Self::Bootstrap => "bootstrap",
             Self::KeyUpdated => "key.updated",
+            Self::KeyRolled => "key.rolled",
         }
     }
 

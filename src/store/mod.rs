@@ -77,6 +77,19 @@ pub trait Store: Send + Sync + 'static {
     /// with the changed field names and announced to every replica.
     async fn update_key(&self, id: &str, update: &KeyUpdate, audit: &AuditContext) -> Result<Option<ApiKey>>;
 
+    /// Replaces key `old_id` with `new` (RollKey) in one transaction, never
+    /// blocked by the plan limit: inserts it linked to the old key, then
+    /// revokes the old key (no grace) or sets it to expire at
+    /// `min(now + grace, its own expiry)`; audited and announced. Returns the
+    /// new key and the old one as it is now.
+    async fn roll_key(
+        &self,
+        old_id: &str,
+        new: NewKey,
+        grace: chrono::Duration,
+        audit: &AuditContext,
+    ) -> Result<Option<(ApiKey, ApiKey)>>;
+
     /// Moves the key to REVOKED (terminal). Revoking twice is not an error.
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>>;
 
@@ -220,6 +233,40 @@ pub(crate) fn created_action(audit: &AuditContext) -> AuditAction {
     if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated }
 }
 
+/// Only an ACTIVE, unexpired key without a successor can be rolled.
+pub fn ensure_can_roll(key: &ApiKey, now: DateTime<Utc>) -> Result<()> {
+    if let Some(next) = &key.rotated_to {
+        return Err(Error::FailedPrecondition(format!(
+            "key {} was already rolled to {next}: roll that key instead",
+            key.id
+        )));
+    }
+    if key.status != KeyStatus::Active {
+        return Err(Error::FailedPrecondition(format!(
+            "key {} is {}: only an active key can be rolled",
+            key.id,
+            key.status.as_str()
+        )));
+    }
+    if key.is_expired(now) {
+        return Err(Error::FailedPrecondition(format!(
+            "key {} has expired: only an unexpired key can be rolled",
+            key.id
+        )));
+    }
+    Ok(())
+}
+
+/// When a rolled key stops working: `None` (revoked now) for no grace,
+/// else `min(now + grace, its own expiry)`.
+pub(crate) fn roll_end(old: &ApiKey, now: DateTime<Utc>, grace: chrono::Duration) -> Option<DateTime<Utc>> {
+    if grace <= chrono::Duration::zero() {
+        return None;
+    }
+    let end = truncate_micros(now + grace);
+    Some(old.expires_at.map_or(end, |own| own.min(end)))
+}
+
 /// Revocation is permanent: a revoked key's status cannot change.
 pub(crate) fn ensure_not_revoked(key: &ApiKey) -> Result<()> {
     if key.status == KeyStatus::Revoked { Err(revoked_precondition(&key.id)) } else { Ok(()) }
@@ -287,6 +334,19 @@ impl<'a> AuditRecord<'a> {
             status_after,
             detail: None,
             ctx,
+        }
+    }
+
+    /// A RollKey, on the new key: the detail names the previous key and its fate.
+    pub fn for_roll(new: &'a ApiKey, previous: &ApiKey, ctx: &'a AuditContext) -> Self {
+        let fate = match (previous.status, previous.expires_at) {
+            (KeyStatus::Revoked, _) => "revoked at once".to_owned(),
+            (_, Some(t)) => format!("works until {}", t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            (_, None) => "still active".to_owned(),
+        };
+        Self {
+            detail: Some(format!("rolled from {}; the previous key {fate}", previous.id)),
+            ..Self::for_key(AuditAction::KeyRolled, new, None, Some(KeyStatus::Active), ctx)
         }
     }
 

@@ -2,7 +2,7 @@
 
 use super::{
     AuditColumns, AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, check_key_limit, created_action,
-    ensure_not_revoked, merge_usage, metadata_from, metadata_json, plan_from, stored,
+    ensure_can_roll, ensure_not_revoked, merge_usage, metadata_from, metadata_json, plan_from, roll_end, stored,
 };
 use crate::{
     domain::model::{
@@ -27,7 +27,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 macro_rules! key_columns {
     () => {
         "id, organization_id, name, prefix, status, scopes, created_by, \
-         created_at, last_used_at, expires_at, environment, metadata"
+         created_at, last_used_at, expires_at, environment, metadata, rotated_from, rotated_to"
     };
 }
 
@@ -69,6 +69,8 @@ struct KeyRow {
     expires_at: Option<DateTime<Utc>>,
     environment: String,
     metadata: String,
+    rotated_from: Option<String>,
+    rotated_to: Option<String>,
 }
 
 /// An audit row: the shared text columns plus this backend's id and time.
@@ -95,6 +97,8 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey> {
         expires_at: r.expires_at,
         environment: stored("environment", &r.environment, Environment::parse)?,
         metadata: metadata_from(&r.metadata)?,
+        rotated_from: r.rotated_from,
+        rotated_to: r.rotated_to,
     })
 }
 
@@ -137,38 +141,7 @@ impl Store for PostgresStore {
             .await?;
             check_key_limit(plan, counted)?;
         }
-        let row = sqlx::query(concat!(
-            "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
-             created_at, expires_at, environment, secret_hash, pepper_id, metadata) \
-             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
-            key_columns!()
-        ))
-        .bind(&key.id)
-        .bind(&key.organization_id)
-        .bind(&key.name)
-        .bind(&key.prefix)
-        .bind(&key.scopes)
-        .bind(&key.created_by)
-        .bind(key.created_at)
-        .bind(key.expires_at)
-        .bind(key.environment.as_str())
-        .bind(&key.secret_hash.phc)
-        .bind(&key.secret_hash.pepper_id)
-        .bind(metadata_json(&key.metadata))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
-                Error::internal(anyhow::anyhow!("key id collision; retry"))
-            }
-            e => Error::from(e),
-        })?;
-        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
-            .bind(&key.organization_id)
-            .bind(Utc::now())
-            .execute(&mut *tx)
-            .await?;
-        let created = key_from_row(&row)?;
+        let created = insert_key(&mut tx, &key).await?;
         let action = created_action(audit);
         append_audit(&mut tx, &AuditRecord::for_key(action, &created, None, Some(KeyStatus::Active), audit)).await?;
         tx.commit().await?;
@@ -289,6 +262,42 @@ impl Store for PostgresStore {
         notify_change(&mut tx, id).await?;
         tx.commit().await?;
         Ok(Some(key))
+    }
+
+    async fn roll_key(
+        &self,
+        old_id: &str,
+        new: NewKey,
+        grace: ChronoDuration,
+        audit: &AuditContext,
+    ) -> Result<Option<(ApiKey, ApiKey)>> {
+        let mut tx = self.pool.begin().await?;
+        lock_organization(&mut tx, &new.organization_id).await?;
+        let Some(old) = lock_key(&mut tx, old_id).await? else {
+            return Ok(None);
+        };
+        let now = Utc::now();
+        ensure_can_roll(&old, now)?;
+        let created = insert_key(&mut tx, &new).await?;
+        let end = roll_end(&old, now, grace);
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET rotated_to = $2, status = CASE WHEN $3 THEN 'revoked' ELSE status END, \
+             expires_at = CASE WHEN $3 THEN expires_at ELSE $4 END, updated_at = $5 WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(old_id)
+        .bind(&created.id)
+        .bind(end.is_none())
+        .bind(end)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let previous = key_from_row(&row)?;
+        let record = AuditRecord::for_roll(&created, &previous, audit);
+        append_audit(&mut tx, &record).await?;
+        notify_change(&mut tx, old_id).await?;
+        tx.commit().await?;
+        Ok(Some((created, previous)))
     }
 
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {
@@ -517,6 +526,44 @@ impl Store for PostgresStore {
 pub const CHANGE_CHANNEL: &str = "takumo_keys_changed";
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Inserts a new ACTIVE key and counts it in `keys_created` (CreateKey and
+/// RollKey; the caller holds the transaction and has checked the plan).
+async fn insert_key(tx: &mut sqlx::PgConnection, key: &NewKey) -> Result<ApiKey> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
+         created_at, expires_at, environment, secret_hash, pepper_id, metadata, rotated_from) \
+         VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
+        key_columns!()
+    ))
+    .bind(&key.id)
+    .bind(&key.organization_id)
+    .bind(&key.name)
+    .bind(&key.prefix)
+    .bind(&key.scopes)
+    .bind(&key.created_by)
+    .bind(key.created_at)
+    .bind(key.expires_at)
+    .bind(key.environment.as_str())
+    .bind(&key.secret_hash.phc)
+    .bind(&key.secret_hash.pepper_id)
+    .bind(metadata_json(&key.metadata))
+    .bind(key.rotated_from.as_deref())
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| match e {
+        sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+            Error::internal(anyhow::anyhow!("key id collision; retry"))
+        }
+        e => Error::from(e),
+    })?;
+    sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
+        .bind(&key.organization_id)
+        .bind(Utc::now())
+        .execute(&mut *tx)
+        .await?;
+    key_from_row(&row)
+}
 
 /// Creates the organization (on Free) at first sight and locks its row:
 /// creates and plan changes of one organization run one at a time, so the

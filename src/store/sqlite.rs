@@ -3,8 +3,8 @@
 //! plan-limit check) take SQLite's write lock up front with `BEGIN IMMEDIATE`.
 
 use super::{
-    AuditColumns, AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_not_revoked,
-    merge_usage, metadata_from, metadata_json, plan_from, stored,
+    AuditColumns, AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_can_roll,
+    ensure_not_revoked, merge_usage, metadata_from, metadata_json, plan_from, roll_end, stored,
 };
 use crate::{
     domain::model::{
@@ -28,7 +28,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 macro_rules! key_columns {
     () => {
         "id, organization_id, name, prefix, status, scopes, created_by, \
-         created_at, last_used_at, expires_at, environment, metadata"
+         created_at, last_used_at, expires_at, environment, metadata, rotated_from, rotated_to"
     };
 }
 
@@ -152,6 +152,8 @@ struct KeyRow {
     expires_at: Option<i64>,
     environment: String,
     metadata: String,
+    rotated_from: Option<String>,
+    rotated_to: Option<String>,
 }
 
 /// An audit row: the shared text columns plus this backend's id and time.
@@ -178,6 +180,8 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
         expires_at: opt_from_micros(r.expires_at)?,
         environment: stored("environment", &r.environment, Environment::parse)?,
         metadata: metadata_from(&r.metadata)?,
+        rotated_from: r.rotated_from,
+        rotated_to: r.rotated_to,
     })
 }
 
@@ -220,39 +224,7 @@ impl Store for SqliteStore {
             .await?;
             check_key_limit(plan, counted)?;
         }
-        let row = sqlx::query(concat!(
-            "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
-             created_at, expires_at, environment, secret_hash, pepper_id, updated_at, metadata) \
-             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
-            key_columns!()
-        ))
-        .bind(&key.id)
-        .bind(&key.organization_id)
-        .bind(&key.name)
-        .bind(&key.prefix)
-        .bind(key.scopes.join(" "))
-        .bind(&key.created_by)
-        .bind(micros(key.created_at))
-        .bind(key.expires_at.map(micros))
-        .bind(key.environment.as_str())
-        .bind(&key.secret_hash.phc)
-        .bind(&key.secret_hash.pepper_id)
-        .bind(now)
-        .bind(metadata_json(&key.metadata))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(ref d) if d.is_unique_violation() => {
-                Error::internal(anyhow::anyhow!("key id collision; retry"))
-            }
-            e => Error::from(e),
-        })?;
-        sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
-            .bind(&key.organization_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        let created = key_from_row(&row)?;
+        let created = insert_key(&mut tx, &key, now).await?;
         let action = created_action(audit);
         append_audit(&mut tx, &AuditRecord::for_key(action, &created, None, Some(KeyStatus::Active), audit), now)
             .await?;
@@ -373,6 +345,40 @@ impl Store for SqliteStore {
         append_audit(&mut tx, &record, now).await?;
         tx.commit().await?;
         Ok(Some(key))
+    }
+
+    async fn roll_key(
+        &self,
+        old_id: &str,
+        new: NewKey,
+        grace: ChronoDuration,
+        audit: &AuditContext,
+    ) -> Result<Option<(ApiKey, ApiKey)>> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some(old) = read_key(&mut tx, old_id).await? else {
+            return Ok(None);
+        };
+        let now = Utc::now();
+        ensure_can_roll(&old, now)?;
+        let created = insert_key(&mut tx, &new, micros(now)).await?;
+        let end = roll_end(&old, now, grace);
+        let row = sqlx::query(concat!(
+            "UPDATE api_keys SET rotated_to = $2, status = CASE WHEN $3 THEN 'revoked' ELSE status END, \
+             expires_at = CASE WHEN $3 THEN expires_at ELSE $4 END, updated_at = $5 WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(old_id)
+        .bind(&created.id)
+        .bind(end.is_none())
+        .bind(end.map(micros))
+        .bind(micros(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let previous = key_from_row(&row)?;
+        let record = AuditRecord::for_roll(&created, &previous, audit);
+        append_audit(&mut tx, &record, micros(now)).await?;
+        tx.commit().await?;
+        Ok(Some((created, previous)))
     }
 
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {
@@ -540,6 +546,45 @@ impl Store for SqliteStore {
             sqlx::query("DELETE FROM usage_minutes WHERE minute < $1").bind(micros(before)).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
+}
+
+/// Inserts a new ACTIVE key and counts it in `keys_created` (CreateKey and
+/// RollKey; the caller holds the transaction and has checked the plan).
+async fn insert_key(tx: &mut sqlx::SqliteConnection, key: &NewKey, now: i64) -> Result<ApiKey> {
+    let row = sqlx::query(concat!(
+        "INSERT INTO api_keys (id, organization_id, name, prefix, status, scopes, created_by, \
+         created_at, expires_at, environment, secret_hash, pepper_id, updated_at, metadata, rotated_from) \
+         VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING ",
+        key_columns!()
+    ))
+    .bind(&key.id)
+    .bind(&key.organization_id)
+    .bind(&key.name)
+    .bind(&key.prefix)
+    .bind(key.scopes.join(" "))
+    .bind(&key.created_by)
+    .bind(micros(key.created_at))
+    .bind(key.expires_at.map(micros))
+    .bind(key.environment.as_str())
+    .bind(&key.secret_hash.phc)
+    .bind(&key.secret_hash.pepper_id)
+    .bind(now)
+    .bind(metadata_json(&key.metadata))
+    .bind(key.rotated_from.as_deref())
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| match e {
+        sqlx::Error::Database(ref d) if d.is_unique_violation() => {
+            Error::internal(anyhow::anyhow!("key id collision; retry"))
+        }
+        e => Error::from(e),
+    })?;
+    sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
+        .bind(&key.organization_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    key_from_row(&row)
 }
 
 /// Creates the organization (on Free) at first sight; returns its plan.

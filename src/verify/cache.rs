@@ -275,6 +275,8 @@ mod tests {
             expires_at: None,
             environment: Environment::Live,
             metadata: Default::default(),
+            rotated_from: None,
+            rotated_to: None,
         })
     }
 

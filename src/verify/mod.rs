@@ -554,6 +554,8 @@ mod tests {
             expires_at,
             environment: Environment::Live,
             metadata: Default::default(),
+            rotated_from: None,
+            rotated_to: None,
         }
     }
 

@@ -1118,7 +1118,151 @@ async fn an_api_key_cannot_extend_a_key_past_its_own_expiry(b: Backend) {
     assert_eq!(k.expires_at.map(|t| t.seconds), Some(own_expiry));
 }
 
+fn roll_req(id: &str, grace_seconds: Option<i64>) -> pb::RollKeyRequest {
+    pb::RollKeyRequest {
+        id: id.into(),
+        grace_period: grace_seconds.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+    }
+}
+
+async fn roll_key_issues_a_linked_copy_and_keeps_the_old_key_for_its_grace(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let labels: std::collections::HashMap<String, String> = [("tenant".to_string(), "eu".to_string())].into();
+    let in_a_day = prost_types::Timestamp { seconds: chrono::Utc::now().timestamp() + 86_400, nanos: 0 };
+    let req = pb::CreateKeyRequest {
+        metadata: labels.clone(),
+        expires_at: Some(in_a_day),
+        ..create_req("acme", "ci", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32)))
+    };
+    let created = app.client.clone().create_key(as_service(req, "alice")).await.unwrap().into_inner();
+    let old = created.key.unwrap();
+    let mut c = app.client.clone();
+    let r = c.roll_key(as_service(roll_req(&old.id, Some(3_600)), "bob")).await.unwrap().into_inner();
+    let (new, previous) = (r.key.unwrap(), r.previous.unwrap());
+    assert_ne!(new.id, old.id);
+    assert!(r.secret.starts_with(&new.prefix) && r.secret != created.secret);
+    assert_eq!((new.rotated_from.as_str(), previous.rotated_to.as_str()), (old.id.as_str(), new.id.as_str()));
+    assert_eq!(
+        (&new.name, &new.scopes, &new.metadata, new.environment, new.expires_at),
+        (&old.name, &old.scopes, &old.metadata, old.environment, old.expires_at)
+    );
+    assert_eq!(new.created_by, "alice", "the key keeps its creator");
+    // The old key works until an hour from now (sooner than its own expiry).
+    let until = previous.expires_at.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!((3_500..=3_600).contains(&until), "previous key expires in {until} s");
+    assert_eq!(previous.status, pb::KeyStatus::Active as i32);
+    assert!(app.verify(&created.secret, &[], None).await.valid, "the old key works during its grace");
+    let v = app.verify(&r.secret, &[], None).await;
+    assert!(v.valid && v.metadata == labels, "{v:?}");
+
+    let events = c
+        .list_audit_events(as_service(
+            pb::ListAuditEventsRequest {
+                organization_id: "acme".into(),
+                action: Some(pb::AuditAction::KeyRolled as i32),
+                ..Default::default()
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].key_id, new.id);
+    assert!(events[0].detail.contains(&old.id) && events[0].detail.contains("works until"), "{}", events[0].detail);
+}
+
+async fn roll_key_without_grace_revokes_the_old_key_at_once(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let (old, secret) = app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await;
+    assert!(app.verify(&secret, &[], None).await.valid, "cached before the roll");
+    for grace in [None, Some(0)] {
+        let (old, secret) = if grace.is_none() {
+            (old.clone(), secret.clone())
+        } else {
+            app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await
+        };
+        let r = app.client.clone().roll_key(as_service(roll_req(&old.id, grace), "alice")).await.unwrap().into_inner();
+        assert_eq!(r.previous.unwrap().status, pb::KeyStatus::Revoked as i32);
+        assert_eq!(app.verify(&secret, &[], None).await.code(), pb::VerifyCode::Revoked);
+        assert!(app.verify(&r.secret, &[], None).await.valid);
+    }
+}
+
+async fn roll_key_is_never_blocked_by_the_plan_limit(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut ids = vec![];
+    for _ in 0..3 {
+        ids.push(app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await.0.id);
+    }
+    let mut c = app.client.clone();
+    let ro = Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32));
+    let e = c.create_key(as_service(create_req("acme", "fourth", ro), "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "Free allows 3");
+    let r = c.roll_key(as_service(roll_req(&ids[0], Some(60)), "alice")).await.unwrap().into_inner();
+    assert!(app.verify(&r.secret, &[], None).await.valid);
+    // While both live, both count: 4 of 3, and creates stay refused.
+    assert_eq!(key_stats(&app, "acme").await.keys_counted, 4);
+    let e = c
+        .create_key(as_service(
+            create_req("acme", "fifth", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))),
+            "alice",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+}
+
+async fn only_an_active_key_without_a_successor_rolls(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    app.set_plan("acme", pb::Plan::Enterprise).await;
+    let ro = || Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32));
+    let (k, _) = app.create("acme", ro()).await;
+    let mut c = app.client.clone();
+    let r = c.roll_key(as_service(roll_req(&k.id, Some(60)), "alice")).await.unwrap().into_inner();
+    let e = c.roll_key(as_service(roll_req(&k.id, Some(60)), "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains(&r.key.unwrap().id), "the refusal names the successor: {}", e.message());
+
+    let (disabled, _) = app.create("acme", ro()).await;
+    c.set_key_status(as_service(
+        pb::SetKeyStatusRequest { id: disabled.id.clone(), status: pb::KeyStatus::Disabled as i32 },
+        "alice",
+    ))
+    .await
+    .unwrap();
+    let e = c.roll_key(as_service(roll_req(&disabled.id, None), "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = c.roll_key(as_service(roll_req("0123456789ABCDEF", None), "alice")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let (fresh, _) = app.create("acme", ro()).await;
+    let bad = [
+        prost_types::Duration { seconds: 7 * 86_400 + 1, nanos: 0 },
+        prost_types::Duration { seconds: -1, nanos: 0 },
+        prost_types::Duration { seconds: 1, nanos: 1_000_000_000 },
+        prost_types::Duration { seconds: 1, nanos: -5 },
+        prost_types::Duration { seconds: i64::MAX, nanos: 0 },
+    ];
+    for d in bad {
+        let req = pb::RollKeyRequest { id: fresh.id.clone(), grace_period: Some(d) };
+        let e = c.roll_key(as_service(req, "alice")).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{d:?}: {}", e.message());
+        assert!(e.message().contains("grace_period"), "{}", e.message());
+    }
+    let req = pb::RollKeyRequest {
+        id: fresh.id.clone(),
+        grace_period: Some(prost_types::Duration { seconds: 7 * 86_400, nanos: 0 }),
+    };
+    c.roll_key(as_service(req, "alice")).await.expect("exactly 7 days is allowed");
+}
+
 for_each_backend!(
+    roll_key_issues_a_linked_copy_and_keeps_the_old_key_for_its_grace,
+    roll_key_without_grace_revokes_the_old_key_at_once,
+    roll_key_is_never_blocked_by_the_plan_limit,
+    only_an_active_key_without_a_successor_rolls,
     update_key_changes_only_the_masked_fields_and_is_audited,
     update_key_refuses_bad_masks_and_values_naming_them,
     an_api_key_cannot_extend_a_key_past_its_own_expiry,

@@ -54,14 +54,15 @@ fn required_scope(rpc: &str) -> Option<&'static str> {
     Some(match rpc {
         "CreateKey" | "UpdateKey" => "api_keys.create",
         "GetKey" | "ListKeys" | "GetKeyStats" => "api_keys.read",
-        "SetKeyStatus" | "RevokeKey" | "DeleteKey" => "api_keys.revoke",
+        // RollKey needs api_keys.create too (a unit test of auth.rs covers that half).
+        "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "RollKey" => "api_keys.revoke",
         "ListAuditEvents" => "audit.read",
         "ExportAuditEvents" => "audit.export",
         _ => return None,
     })
 }
 
-const RPCS: [&str; 13] = [
+const RPCS: [&str; 14] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -75,6 +76,7 @@ const RPCS: [&str; 13] = [
     "ListAuditEvents",
     "ExportAuditEvents",
     "UpdateKey",
+    "RollKey",
 ];
 
 /// The expected outcome of one cell.
@@ -91,7 +93,9 @@ fn expected(rpc: &str, who: Who) -> Code {
         _ if rpc == "VerifyKey" || rpc == "SetOrganizationPlan" => Code::PermissionDenied,
         Who::KeyLackingScope | Who::KeyLackingOnlyTheRequiredScope => Code::PermissionDenied,
         // Managing a key another member created needs `api_keys.manage_all`.
-        Who::OtherMemberWithoutManageAll if matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "UpdateKey") => {
+        Who::OtherMemberWithoutManageAll
+            if matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "UpdateKey" | "RollKey") =>
+        {
             Code::PermissionDenied
         }
         Who::OtherMemberWithoutManageAll => Code::Ok,
@@ -253,6 +257,9 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> (Code, S
             .await,
         ),
         "RevokeKey" => code(c.revoke_key(request!(pb::RevokeKeyRequest { id: target }, who, callers)).await),
+        "RollKey" => {
+            code(c.roll_key(request!(pb::RollKeyRequest { id: target, grace_period: None }, who, callers)).await)
+        }
         "UpdateKey" => code(
             c.update_key(request!(
                 pb::UpdateKeyRequest {
@@ -336,7 +343,7 @@ async fn every_cell_of_the_matrix_has_its_exact_status(b: Backend) {
                 wrong.push(format!("{rpc} as {who:?}: the refusal does not name `{scope}`: {message}"));
             }
             if who == Who::OtherMemberWithoutManageAll
-                && matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "UpdateKey")
+                && matches!(rpc, "SetKeyStatus" | "RevokeKey" | "DeleteKey" | "UpdateKey" | "RollKey")
                 && !message.contains("manage_all")
             {
                 wrong.push(format!("{rpc} as {who:?}: the refusal does not name `api_keys.manage_all`: {message}"));

@@ -39,6 +39,7 @@ fn new_key(org: &str, created_by: &str) -> NewKey {
         environment: Environment::Live,
         // Non-empty, with characters JSON must escape: every test round-trips it.
         metadata: [("tenant".into(), "acme \"eu\"".into()), ("plan.tier".into(), "pro/ü".into())].into(),
+        rotated_from: None,
         secret_hash: StoredHash {
             phc: "$argon2id$v=19$m=256,t=1,p=1$c2FsdHNhbHQ$aGFzaA".into(),
             pepper_id: "0badc0de".into(),

@@ -26,6 +26,20 @@ async fn two_replicas() -> (TestApp, TestApp) {
     (a, b)
 }
 
+/// A rolled key's grace ends on every replica: B, which cached the old key,
+/// answers EXPIRED once the grace has passed (expiry is checked on each hit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_keys_grace_ends_on_another_replica() {
+    let (a, b) = two_replicas().await;
+    let (key, secret) = create(&a, "acme", None).await;
+    assert!(b.verify(&secret, &[], None).await.valid, "cached on b");
+    let req =
+        pb::RollKeyRequest { id: key.id.clone(), grace_period: Some(prost_types::Duration { seconds: 1, nanos: 0 }) };
+    let rolled = a.client.clone().roll_key(as_service(req, "alice")).await.unwrap().into_inner();
+    assert!(b.verify(&rolled.secret, &[], None).await.valid, "the new key works on b");
+    b.verifies_eventually(&secret, pb::VerifyCode::Expired).await;
+}
+
 /// UpdateKey on replica A reaches B's cached record at once (its notice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_reaches_another_replicas_cache() {
