@@ -517,6 +517,8 @@ mod tests {
         assert_eq!(t.find("0123456789abcdef0123456789abcdef"), Some("billing"));
         assert_eq!(t.find("fedcba9876543210fedcba9876543210"), Some("dash"));
         assert_eq!(t.find("nope"), None);
+        assert!(!t.is_empty());
+        assert!(ServiceTokens::parse(&SecretString::new("")).unwrap().is_empty(), "no tokens: startup warns");
         // Debug names the services, never a token.
         let shown = format!("{t:?}");
         assert!(shown.contains("billing") && shown.contains("dash") && !shown.contains("0123"), "{shown}");
