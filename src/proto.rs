@@ -161,6 +161,7 @@ impl From<AuditAction> for pb::AuditAction {
             AuditAction::Bootstrap => Self::Bootstrap,
             AuditAction::KeyUpdated => Self::KeyUpdated,
             AuditAction::KeyRolled => Self::KeyRolled,
+            AuditAction::KeyLeaked => Self::KeyLeaked,
         }
     }
 }
@@ -177,6 +178,7 @@ pub fn audit_action(v: i32) -> Result<Option<AuditAction>> {
         pb::AuditAction::Bootstrap => Some(AuditAction::Bootstrap),
         pb::AuditAction::KeyUpdated => Some(AuditAction::KeyUpdated),
         pb::AuditAction::KeyRolled => Some(AuditAction::KeyRolled),
+        pb::AuditAction::KeyLeaked => Some(AuditAction::KeyLeaked),
     })
 }
 

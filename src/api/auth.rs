@@ -87,12 +87,13 @@ pub enum Rpc {
     ExportAuditEvents,
     UpdateKey,
     RollKey,
+    ReportLeakedKeys,
 }
 
 impl Rpc {
     /// Every RPC, in the proto's order (the unit test holds them to it).
     #[cfg(test)]
-    const ALL: [Rpc; 14] = [
+    const ALL: [Rpc; 15] = [
         Rpc::CreateKey,
         Rpc::GetKey,
         Rpc::ListKeys,
@@ -107,6 +108,7 @@ impl Rpc {
         Rpc::ExportAuditEvents,
         Rpc::UpdateKey,
         Rpc::RollKey,
+        Rpc::ReportLeakedKeys,
     ];
 
     /// The method name in `takumo.apikeys.v1.ApiKeyService`.
@@ -126,6 +128,7 @@ impl Rpc {
             Rpc::ExportAuditEvents => "ExportAuditEvents",
             Rpc::UpdateKey => "UpdateKey",
             Rpc::RollKey => "RollKey",
+            Rpc::ReportLeakedKeys => "ReportLeakedKeys",
         }
     }
 }
@@ -155,7 +158,7 @@ pub fn rule(rpc: Rpc) -> KeyAccess {
         // Rolling creates a key and ends another.
         Rpc::RollKey => KeyAccess::Scopes(&[scopes::API_KEYS_CREATE, scopes::API_KEYS_REVOKE]),
         Rpc::ListScopes => KeyAccess::Authenticated,
-        Rpc::VerifyKey | Rpc::SetOrganizationPlan => KeyAccess::Denied,
+        Rpc::VerifyKey | Rpc::SetOrganizationPlan | Rpc::ReportLeakedKeys => KeyAccess::Denied,
         Rpc::ListAuditEvents => KeyAccess::Scope(scopes::AUDIT_READ),
         Rpc::ExportAuditEvents => KeyAccess::Scope(scopes::AUDIT_EXPORT),
     }

@@ -8,7 +8,7 @@ use crate::{
     api::page_token,
     api::spans,
     domain::keys,
-    domain::model::{ApiKey, AuditFilter, KeyStatus, KeyUpdate, ListFilter},
+    domain::model::{ApiKey, AuditFilter, KeyStatus, KeyUpdate, LeakAction, ListFilter},
     domain::scopes,
     domain::validate,
     error::{Error, Result},
@@ -19,7 +19,7 @@ use crate::{
     verify::{Denial, Purpose, Verdict, Verifier},
 };
 use chrono::Utc;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use pb::api_key_service_server::ApiKeyService;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -33,11 +33,17 @@ pub struct KeysService {
     hasher: Hasher,
     verifier: Verifier,
     auth: Authenticator,
+    leak_action: LeakAction,
 }
 
 impl KeysService {
     pub fn new(store: Arc<dyn Store>, hasher: Hasher, verifier: Verifier, auth: Authenticator) -> Self {
-        Self { store, hasher, verifier, auth }
+        Self { store, hasher, verifier, auth, leak_action: LeakAction::default() }
+    }
+
+    /// What a reported leak of one of our keys does (`TAKUMO_LEAK_ACTION`).
+    pub fn with_leak_action(self, leak_action: LeakAction) -> Self {
+        Self { leak_action, ..self }
     }
 
     /// Authenticates and authorizes; an API key whose call is accepted here
@@ -252,6 +258,44 @@ impl KeysService {
         })
     }
 
+    async fn report_leaked_keys(
+        &self,
+        req: Request<pb::ReportLeakedKeysRequest>,
+    ) -> Result<pb::ReportLeakedKeysResponse> {
+        let caller = self.caller(&req, Rpc::ReportLeakedKeys).await?;
+        let r = req.into_inner();
+        if r.leaks.len() > MAX_LEAKS_PER_CALL {
+            return Err(Error::invalid(format!(
+                "leaks holds {} entries; at most {MAX_LEAKS_PER_CALL} are allowed per call",
+                r.leaks.len()
+            )));
+        }
+        for (i, leak) in r.leaks.iter().enumerate() {
+            validate::leak_source(&format!("leaks[{i}].source_url"), &leak.source_url, MAX_SOURCE_URL_LEN)?;
+            validate::leak_source(&format!("leaks[{i}].source"), &leak.source, validate::MAX_LEN)?;
+        }
+        let audit = &caller.audit();
+        // In order, a few at a time: each true positive costs an argon2
+        // verification unless its key is cached.
+        let verdicts = futures::stream::iter(r.leaks)
+            .map(|leak| async move {
+                let Some(key) = self.verifier.verify(&leak.key, Purpose::Report).await?.key().cloned() else {
+                    return Ok::<_, Error>(pb::LeakVerdict::default());
+                };
+                let acted =
+                    self.store.record_leak(&key.id, &leak.source_url, &leak.source, self.leak_action, audit).await?;
+                if acted {
+                    self.verifier.invalidate(&key.id);
+                    tracing::warn!(key_id = %key.id, action = self.leak_action.as_str(), "leaked key reported");
+                }
+                Ok(pb::LeakVerdict { true_positive: true, key_id: key.id.clone(), prefix: key.prefix.clone() })
+            })
+            .buffered(LEAK_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(pb::ReportLeakedKeysResponse { verdicts })
+    }
+
     async fn revoke_key(&self, req: Request<pb::RevokeKeyRequest>) -> Result<pb::ApiKey> {
         let caller = self.caller(&req, Rpc::RevokeKey).await?;
         let id = &req.get_ref().id;
@@ -389,6 +433,13 @@ impl KeysService {
         Ok(proto::organization(org))
     }
 }
+
+/// Most leaks one ReportLeakedKeys call may carry.
+const MAX_LEAKS_PER_CALL: usize = 1_000;
+/// Longest source URL of a reported leak.
+const MAX_SOURCE_URL_LEN: usize = 2_048;
+/// Leaks of one call checked at once.
+const LEAK_CONCURRENCY: usize = 8;
 
 /// Longest grace period RollKey accepts.
 const MAX_GRACE: chrono::Duration = chrono::Duration::days(7);
@@ -529,6 +580,12 @@ impl ApiKeyService for KeysService {
     }
     async fn roll_key(&self, r: Request<pb::RollKeyRequest>) -> Result<Response<pb::RollKeyResponse>, Status> {
         self.respond(Rpc::RollKey, KeysService::roll_key(self, r)).await
+    }
+    async fn report_leaked_keys(
+        &self,
+        r: Request<pb::ReportLeakedKeysRequest>,
+    ) -> Result<Response<pb::ReportLeakedKeysResponse>, Status> {
+        self.respond(Rpc::ReportLeakedKeys, KeysService::report_leaked_keys(self, r)).await
     }
     async fn revoke_key(&self, r: Request<pb::RevokeKeyRequest>) -> Result<Response<pb::ApiKey>, Status> {
         self.respond(Rpc::RevokeKey, KeysService::revoke_key(self, r)).await

@@ -166,6 +166,43 @@ pub struct NewKey {
     pub secret_hash: StoredHash,
 }
 
+/// What a reported leak of one of our keys does (`TAKUMO_LEAK_ACTION`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeakAction {
+    /// GitHub's practice: a key found in public is compromised.
+    #[default]
+    Revoke,
+    Disable,
+    /// Audit only.
+    Report,
+}
+
+impl LeakAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoke => "revoke",
+            Self::Disable => "disable",
+            Self::Report => "report",
+        }
+    }
+}
+
+impl std::fmt::Display for LeakAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for LeakAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Revoke, Self::Disable, Self::Report]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown leak action `{s}`: use revoke, disable or report"))
+    }
+}
+
 /// What UpdateKey changes: each field `Some` is set (for `expires_at`,
 /// `Some(None)` clears it); validated already.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -282,10 +319,11 @@ pub enum AuditAction {
     Bootstrap,
     KeyUpdated,
     KeyRolled,
+    KeyLeaked,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 8] = [
+    pub const ALL: [AuditAction; 9] = [
         Self::KeyCreated,
         Self::KeyStatusChanged,
         Self::KeyRevoked,
@@ -294,6 +332,7 @@ impl AuditAction {
         Self::Bootstrap,
         Self::KeyUpdated,
         Self::KeyRolled,
+        Self::KeyLeaked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -306,6 +345,7 @@ impl AuditAction {
             Self::Bootstrap => "bootstrap",
             Self::KeyUpdated => "key.updated",
             Self::KeyRolled => "key.rolled",
+            Self::KeyLeaked => "key.leaked",
         }
     }
 

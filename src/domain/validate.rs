@@ -48,6 +48,21 @@ pub fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// Where a leak was found, or who found it: at most `max` characters, none a
+/// control or invisible character (it is written to the audit log).
+pub fn leak_source(field: &str, value: &str, max: usize) -> Result<()> {
+    let len = value.chars().count();
+    if len > max {
+        return Err(Error::invalid(format!("{field} is {len} characters long; at most {max} are allowed")));
+    }
+    if value.chars().any(|c| c.is_control() || is_invisible_format(c)) {
+        return Err(Error::invalid(format!(
+            "{field} must not contain control, invisible or text-direction characters"
+        )));
+    }
+    Ok(())
+}
+
 /// Most metadata entries a key may carry.
 pub const MAX_METADATA_ENTRIES: usize = 16;
 /// Longest metadata key, in bytes (keys are ASCII).

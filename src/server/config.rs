@@ -6,7 +6,10 @@
 //! `hide_env_values` keeps them out of `--help`.
 
 use crate::{
-    domain::model::Plan, domain::secret::SecretString, store::StoreOptions, verify::cache::CacheSettings,
+    domain::model::{LeakAction, Plan},
+    domain::secret::SecretString,
+    store::StoreOptions,
+    verify::cache::CacheSettings,
     verify::hashing::HashParams,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -210,6 +213,11 @@ pub struct ServeArgs {
     /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); off when unset.
     #[arg(long, env = "TAKUMO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// What a reported leak of one of our keys does: `revoke` (a key found in
+    /// public is compromised), `disable`, or `report` (audit only).
+    #[arg(long, env = "TAKUMO_LEAK_ACTION", default_value_t = LeakAction::Revoke)]
+    pub leak_action: LeakAction,
 
     /// On SIGTERM, how long health reports NOT_SERVING before the listener closes, in
     /// milliseconds, so load balancers stop sending new calls first.

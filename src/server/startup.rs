@@ -112,7 +112,8 @@ impl Application {
             None => None,
         };
         let auth = Authenticator::new(tokens, cert_services, verifier.clone());
-        let service = KeysService::new(store.clone(), hasher, verifier.clone(), auth);
+        let service =
+            KeysService::new(store.clone(), hasher, verifier.clone(), auth).with_leak_action(args.leak_action);
         let listener = TcpListener::bind(args.listen)
             .await
             .map_err(|e| Error::invalid(format!("TAKUMO_LISTEN {}: {e}", args.listen)))?;

@@ -27,8 +27,8 @@ pub use sqlite::SqliteStore;
 
 use crate::{
     domain::model::{
-        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, KeyUpdate, ListFilter,
-        Metadata, NewKey, Organization, Plan, StoredHash, UsageDelta,
+        ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, KeyUpdate, LeakAction,
+        ListFilter, Metadata, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
     error::{Error, Result},
 };
@@ -89,6 +89,19 @@ pub trait Store: Send + Sync + 'static {
         grace: chrono::Duration,
         audit: &AuditContext,
     ) -> Result<Option<(ApiKey, ApiKey)>>;
+
+    /// Records a leak of `key` found at `source_url`: the first report of a
+    /// key and URL applies `action` and is audited (KEY_LEAKED, with what
+    /// was done), in one transaction; repeats change nothing. True when this
+    /// report was the first.
+    async fn record_leak(
+        &self,
+        key_id: &str,
+        source_url: &str,
+        source: &str,
+        action: LeakAction,
+        audit: &AuditContext,
+    ) -> Result<bool>;
 
     /// Moves the key to REVOKED (terminal). Revoking twice is not an error.
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>>;
@@ -233,6 +246,18 @@ pub(crate) fn created_action(audit: &AuditContext) -> AuditAction {
     if audit.is_operator() { AuditAction::Bootstrap } else { AuditAction::KeyCreated }
 }
 
+/// What a leak report does to a key of `status`: the status to set (if it
+/// changes) and the words for the audit log.
+pub(crate) fn leak_outcome(action: LeakAction, status: KeyStatus) -> (Option<KeyStatus>, &'static str) {
+    match (action, status) {
+        (_, KeyStatus::Revoked) => (None, "already revoked"),
+        (LeakAction::Revoke, _) => (Some(KeyStatus::Revoked), "revoked"),
+        (LeakAction::Disable, KeyStatus::Active) => (Some(KeyStatus::Disabled), "disabled"),
+        (LeakAction::Disable, KeyStatus::Disabled) => (None, "already disabled"),
+        (LeakAction::Report, _) => (None, "reported only (TAKUMO_LEAK_ACTION=report)"),
+    }
+}
+
 /// Only an ACTIVE, unexpired key without a successor can be rolled.
 pub fn ensure_can_roll(key: &ApiKey, now: DateTime<Utc>) -> Result<()> {
     if let Some(next) = &key.rotated_to {
@@ -334,6 +359,21 @@ impl<'a> AuditRecord<'a> {
             status_after,
             detail: None,
             ctx,
+        }
+    }
+
+    /// A reported leak: where it was found and what was done.
+    pub fn for_leak(
+        key: &'a ApiKey,
+        before: KeyStatus,
+        source_url: &str,
+        source: &str,
+        done: &str,
+        ctx: &'a AuditContext,
+    ) -> Self {
+        Self {
+            detail: Some(format!("found at {source_url} (source: {source}); {done}")),
+            ..Self::for_key(AuditAction::KeyLeaked, key, Some(before), Some(key.status), ctx)
         }
     }
 

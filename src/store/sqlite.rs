@@ -4,12 +4,12 @@
 
 use super::{
     AuditColumns, AuditRecord, PoolStats, Store, StoreOptions, check_key_limit, created_action, ensure_can_roll,
-    ensure_not_revoked, merge_usage, metadata_from, metadata_json, plan_from, roll_end, stored,
+    ensure_not_revoked, leak_outcome, merge_usage, metadata_from, metadata_json, plan_from, roll_end, stored,
 };
 use crate::{
     domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
-        KeyUpdate, ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
+        KeyUpdate, LeakAction, ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
     error::{Error, Result},
 };
@@ -379,6 +379,51 @@ impl Store for SqliteStore {
         append_audit(&mut tx, &record, micros(now)).await?;
         tx.commit().await?;
         Ok(Some((created, previous)))
+    }
+
+    async fn record_leak(
+        &self,
+        key_id: &str,
+        source_url: &str,
+        source: &str,
+        action: LeakAction,
+        audit: &AuditContext,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let Some(before) = read_key(&mut tx, key_id).await? else {
+            return Ok(false);
+        };
+        let first = sqlx::query("INSERT INTO leak_reports (key_id, source_url) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(key_id)
+            .bind(source_url)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !first {
+            return Ok(false);
+        }
+        let now = now_micros();
+        let (status, done) = leak_outcome(action, before.status);
+        let key = match status {
+            Some(status) => {
+                let row = sqlx::query(concat!(
+                    "UPDATE api_keys SET status = $2, updated_at = $3 WHERE id = $1 RETURNING ",
+                    key_columns!()
+                ))
+                .bind(key_id)
+                .bind(status.as_str())
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                key_from_row(&row)?
+            }
+            None => before.clone(),
+        };
+        let record = AuditRecord::for_leak(&key, before.status, source_url, source, done, audit);
+        append_audit(&mut tx, &record, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn revoke_key(&self, id: &str, audit: &AuditContext) -> Result<Option<ApiKey>> {

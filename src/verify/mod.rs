@@ -131,6 +131,9 @@ pub enum Purpose<'a> {
     /// unexpired). The call counts as the key's API call only once it is
     /// authorized ([`Verifier::accepted`]).
     Credential,
+    /// A string reported as leaked: is it one of our keys (whatever its
+    /// status)? Counts nothing: the key's holder did not present it.
+    Report,
 }
 
 /// The whole answer about one presented key. `stale`: served from cache
@@ -311,7 +314,7 @@ impl Verifier {
             Lookup::Key { key, stale } => {
                 let (required, organization): (&[String], _) = match purpose {
                     Purpose::VerifyKey { required, organization } => (required, organization),
-                    Purpose::Credential => (&[], None),
+                    Purpose::Credential | Purpose::Report => (&[], None),
                 };
                 match decide(&key, required, organization, Utc::now()) {
                     Ok(()) => {
@@ -321,7 +324,9 @@ impl Verifier {
                         Verdict::Valid { key, stale }
                     }
                     Err(denial) => {
-                        self.metrics.refused(denial.label());
+                        if !matches!(purpose, Purpose::Report) {
+                            self.metrics.refused(denial.label());
+                        }
                         Verdict::Denied { denial, key: Some(key), stale }
                     }
                 }

@@ -1258,7 +1258,116 @@ async fn only_an_active_key_without_a_successor_rolls(b: Backend) {
     c.roll_key(as_service(req, "alice")).await.expect("exactly 7 days is allowed");
 }
 
+fn leak(key: &str, url: &str) -> pb::LeakedKey {
+    pb::LeakedKey { key: key.into(), source_url: url.into(), source: "github".into() }
+}
+
+async fn leaked_events(app: &TestApp) -> Vec<pb::AuditEvent> {
+    app.client
+        .clone()
+        .list_audit_events(as_service(
+            pb::ListAuditEventsRequest {
+                organization_id: "acme".into(),
+                action: Some(pb::AuditAction::KeyLeaked as i32),
+                ..Default::default()
+            },
+            "a",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
+async fn leaked_keys_are_revoked_once_per_source_and_false_positives_change_nothing(b: Backend) {
+    use takumo_keys::domain::{keys, model::Environment};
+    let app = TestApp::spawn(b).await;
+    let ro = || Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32));
+    let (leaked, leaked_secret) = app.create("acme", ro()).await;
+    let (kept, kept_secret) = app.create("acme", ro()).await;
+    assert!(app.verify(&leaked_secret, &[], None).await.valid, "cached before the report");
+    let wrong_secret = keys::compose(Environment::Live, &kept.id, &"x".repeat(keys::SECRET_LEN));
+    let unknown = keys::compose(Environment::Live, "0123456789ABCDEF", &"y".repeat(keys::SECRET_LEN));
+    let url = "https://github.com/acme/app/blob/abc123/.env";
+    let report = |leaks: Vec<pb::LeakedKey>| {
+        let mut c = app.client.clone();
+        async move {
+            c.report_leaked_keys(as_service(pb::ReportLeakedKeysRequest { leaks }, "scanner"))
+                .await
+                .unwrap()
+                .into_inner()
+                .verdicts
+        }
+    };
+    let verdicts = report(vec![
+        leak("tk_live_not-a-key", url),
+        leak(&leaked_secret, url),
+        leak(wrong_secret.expose(), url),
+        leak(unknown.expose(), url),
+    ])
+    .await;
+    let got: Vec<(bool, &str, &str)> =
+        verdicts.iter().map(|v| (v.true_positive, v.key_id.as_str(), v.prefix.as_str())).collect();
+    assert_eq!(
+        got,
+        [(false, "", ""), (true, leaked.id.as_str(), leaked.prefix.as_str()), (false, "", ""), (false, "", "")]
+    );
+    assert_eq!(app.verify(&leaked_secret, &[], None).await.code(), pb::VerifyCode::Revoked, "revoked, cache included");
+    assert!(app.verify(&kept_secret, &[], None).await.valid, "a wrong secret for a real id changes nothing");
+
+    // Again from the same place: nothing new. From another place: audited, nothing more to do.
+    assert!(report(vec![leak(&leaked_secret, url)]).await[0].true_positive);
+    assert_eq!(leaked_events(&app).await.len(), 1);
+    report(vec![leak(&leaked_secret, "https://gist.github.com/x")]).await;
+    let events = leaked_events(&app).await;
+    assert_eq!(events.len(), 2);
+    assert!(events[1].detail.contains(url) && events[1].detail.contains("revoked"), "{}", events[1].detail);
+    assert!(events[0].detail.contains("already revoked"), "{}", events[0].detail);
+    assert!(events.iter().all(|e| !e.detail.contains(&leaked_secret[8..])), "the key reached the audit log");
+}
+
+async fn leak_reports_are_bounded_and_checked(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let mut c = app.client.clone();
+    let many = pb::ReportLeakedKeysRequest { leaks: (0..1_001).map(|_| leak("x", "https://example.com")).collect() };
+    let e = c.report_leaked_keys(as_service(many, "scanner")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("1000"), "{}", e.message());
+    let bad =
+        pb::ReportLeakedKeysRequest { leaks: vec![leak("x", "https://example.com"), leak("x", "a\nforged log line")] };
+    let e = c.report_leaked_keys(as_service(bad, "scanner")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("leaks[1].source_url"), "{}", e.message());
+    let ok =
+        pb::ReportLeakedKeysRequest { leaks: (0..1_000).map(|_| leak("tk_live_x", "https://example.com")).collect() };
+    let verdicts = c.report_leaked_keys(as_service(ok, "scanner")).await.unwrap().into_inner().verdicts;
+    assert_eq!(verdicts.len(), 1_000);
+}
+
+async fn the_leak_action_can_disable_or_only_report(b: Backend) {
+    use takumo_keys::domain::model::LeakAction;
+    for (action, want) in [(LeakAction::Disable, pb::VerifyCode::Disabled), (LeakAction::Report, pb::VerifyCode::Valid)]
+    {
+        let db = std::sync::Arc::new(common::TestDb::new(b).await);
+        let app = TestApp::spawn_on(db, |url| {
+            let mut a = common::serve_args(url);
+            a.leak_action = action;
+            a
+        })
+        .await;
+        let (_, secret) = app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await;
+        let req = pb::ReportLeakedKeysRequest { leaks: vec![leak(&secret, "https://example.com/p")] };
+        let v = app.client.clone().report_leaked_keys(as_service(req, "support")).await.unwrap().into_inner();
+        assert!(v.verdicts[0].true_positive);
+        assert_eq!(app.verify(&secret, &[], None).await.code(), want, "{action:?}");
+        assert_eq!(leaked_events(&app).await.len(), 1, "{action:?} is audited");
+    }
+}
+
 for_each_backend!(
+    leaked_keys_are_revoked_once_per_source_and_false_positives_change_nothing,
+    leak_reports_are_bounded_and_checked,
+    the_leak_action_can_disable_or_only_report,
     roll_key_issues_a_linked_copy_and_keeps_the_old_key_for_its_grace,
     roll_key_without_grace_revokes_the_old_key_at_once,
     roll_key_is_never_blocked_by_the_plan_limit,

@@ -62,7 +62,7 @@ fn required_scope(rpc: &str) -> Option<&'static str> {
     })
 }
 
-const RPCS: [&str; 14] = [
+const RPCS: [&str; 15] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -77,6 +77,7 @@ const RPCS: [&str; 14] = [
     "ExportAuditEvents",
     "UpdateKey",
     "RollKey",
+    "ReportLeakedKeys",
 ];
 
 /// The expected outcome of one cell.
@@ -90,7 +91,7 @@ fn expected(rpc: &str, who: Who) -> Code {
         | Who::ExpiredKey => Code::Unauthenticated,
         Who::ServiceToken => Code::Ok,
         _ if rpc == "ListScopes" => Code::Ok,
-        _ if rpc == "VerifyKey" || rpc == "SetOrganizationPlan" => Code::PermissionDenied,
+        _ if matches!(rpc, "VerifyKey" | "SetOrganizationPlan" | "ReportLeakedKeys") => Code::PermissionDenied,
         Who::KeyLackingScope | Who::KeyLackingOnlyTheRequiredScope => Code::PermissionDenied,
         // Managing a key another member created needs `api_keys.manage_all`.
         Who::OtherMemberWithoutManageAll
@@ -257,6 +258,20 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> (Code, S
             .await,
         ),
         "RevokeKey" => code(c.revoke_key(request!(pb::RevokeKeyRequest { id: target }, who, callers)).await),
+        "ReportLeakedKeys" => code(
+            c.report_leaked_keys(request!(
+                pb::ReportLeakedKeysRequest {
+                    leaks: vec![pb::LeakedKey {
+                        key: target_secret,
+                        source_url: "https://example.com/leak".into(),
+                        source: "matrix".into(),
+                    }],
+                },
+                who,
+                callers,
+            ))
+            .await,
+        ),
         "RollKey" => {
             code(c.roll_key(request!(pb::RollKeyRequest { id: target, grace_period: None }, who, callers)).await)
         }

@@ -40,6 +40,22 @@ async fn a_rolled_keys_grace_ends_on_another_replica() {
     b.verifies_eventually(&secret, pb::VerifyCode::Expired).await;
 }
 
+/// A leaked key reported through replica A is refused on replica B, which
+/// had it cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_leak_revokes_the_key_on_every_replica() {
+    let (a, b) = two_replicas().await;
+    let (_, secret) = create(&a, "acme", None).await;
+    assert!(b.verify(&secret, &[], None).await.valid, "cached on b");
+    let leak = pb::LeakedKey { key: secret.clone(), source_url: "https://example.com/x".into(), source: "t".into() };
+    let req = pb::ReportLeakedKeysRequest { leaks: vec![leak] };
+    assert!(
+        a.client.clone().report_leaked_keys(as_service(req, "scanner")).await.unwrap().into_inner().verdicts[0]
+            .true_positive
+    );
+    b.verifies_eventually(&secret, pb::VerifyCode::Revoked).await;
+}
+
 /// UpdateKey on replica A reaches B's cached record at once (its notice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_reaches_another_replicas_cache() {
