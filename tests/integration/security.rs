@@ -371,7 +371,26 @@ async fn only_accepted_calls_count_as_api_calls(b: Backend) {
     }
 }
 
+/// The credential length bound is exact: a 1,024-byte `authorization` value
+/// is read (and refused as an unknown token), a 1,025-byte one is refused
+/// before anything else.
+async fn an_authorization_value_of_1024_bytes_is_read_and_a_longer_one_refused(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    let message = |len: usize| {
+        let mut c = app.client.clone();
+        async move {
+            let token = "t".repeat(len - "Bearer ".len());
+            let e = c.list_scopes(with_bearer(pb::ListScopesRequest {}, &token)).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated);
+            e.message().to_owned()
+        }
+    };
+    assert_eq!(message(1024).await, "unknown service token");
+    assert!(message(1025).await.contains("too long"), "1,025 bytes were read as a credential");
+}
+
 for_each_backend!(
+    an_authorization_value_of_1024_bytes_is_read_and_a_longer_one_refused,
     re_enabling_and_granting_stop_at_the_callers_own_power,
     a_sane_request_id_is_recorded_and_any_other_is_replaced,
     a_weaker_key_cannot_re_enable_a_stronger_one,
