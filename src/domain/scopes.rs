@@ -234,4 +234,13 @@ mod tests {
         let e = custom(&["fleet.read".into(), "fleet.read".into()]).unwrap_err();
         assert!(e.to_string().contains("duplicate"));
     }
+
+    #[test]
+    fn the_scope_count_bound_is_exact() {
+        let names = |n: usize| vec!["fleet.read".to_string(); n];
+        let at = validate(&names(MAX_SCOPES_PER_REQUEST), "scopes").unwrap_err().to_string();
+        assert!(!at.contains("at most"), "{MAX_SCOPES_PER_REQUEST} names are read (then refused as duplicates): {at}");
+        let past = validate(&names(MAX_SCOPES_PER_REQUEST + 1), "scopes").unwrap_err().to_string();
+        assert!(past.contains(&format!("at most {MAX_SCOPES_PER_REQUEST}")), "{past}");
+    }
 }
