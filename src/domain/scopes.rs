@@ -243,4 +243,11 @@ mod tests {
         let past = validate(&names(MAX_SCOPES_PER_REQUEST + 1), "scopes").unwrap_err().to_string();
         assert!(past.contains(&format!("at most {MAX_SCOPES_PER_REQUEST}")), "{past}");
     }
+
+    #[test]
+    fn an_unknown_scope_is_quoted_whole_up_to_64_characters_then_cut() {
+        assert_eq!(printable(&"a".repeat(64)), format!("{:?}", "a".repeat(64)));
+        assert_eq!(printable(&"a".repeat(65)), format!("{:?}…", "a".repeat(64)));
+        assert_eq!(printable("x\ny"), "\"x\\ny\"");
+    }
 }
