@@ -5,7 +5,8 @@
 //!
 //! - [`service`]: the `ApiKeyService` handlers.
 //! - [`auth`]: principals (service tokens, API keys, certificates) and the authorization table.
-//! - [`issue`]: generating, hashing and storing a new key (CreateKey and `bootstrap`).
+//! - [`issue`]: generating, hashing and storing a new key (CreateKey, RollKey and `bootstrap`).
+//! - [`leaks`]: the leaked-key intake (ReportLeakedKeys and GitHub's secret scanning).
 //! - [`limits`]: request size and metadata limits, HTTP/2 settings.
 //! - [`tls`]: TLS and mutual TLS configuration, certificate identities.
 //! - [`page_token`]: the list RPCs' page tokens.
@@ -13,6 +14,7 @@
 
 pub mod auth;
 pub mod issue;
+pub mod leaks;
 pub mod limits;
 pub mod page_token;
 pub mod service;

@@ -5,6 +5,7 @@
 use crate::{
     api::auth::{Authenticator, Caller, Principal, Rpc, authorize},
     api::issue::{KeySpec, issue_key, roll_key},
+    api::leaks::{Leak, LeakIntake},
     api::page_token,
     api::spans,
     domain::keys,
@@ -19,7 +20,7 @@ use crate::{
     verify::{Denial, Purpose, Verdict, Verifier},
 };
 use chrono::Utc;
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use pb::api_key_service_server::ApiKeyService;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -264,35 +265,20 @@ impl KeysService {
     ) -> Result<pb::ReportLeakedKeysResponse> {
         let caller = self.caller(&req, Rpc::ReportLeakedKeys).await?;
         let r = req.into_inner();
-        if r.leaks.len() > MAX_LEAKS_PER_CALL {
-            return Err(Error::invalid(format!(
-                "leaks holds {} entries; at most {MAX_LEAKS_PER_CALL} are allowed per call",
-                r.leaks.len()
-            )));
-        }
-        for (i, leak) in r.leaks.iter().enumerate() {
-            validate::leak_source(&format!("leaks[{i}].source_url"), &leak.source_url, MAX_SOURCE_URL_LEN)?;
-            validate::leak_source(&format!("leaks[{i}].source"), &leak.source, validate::MAX_LEN)?;
-        }
-        let audit = &caller.audit();
-        // In order, a few at a time: each true positive costs an argon2
-        // verification unless its key is cached.
-        let verdicts = futures::stream::iter(r.leaks)
-            .map(|leak| async move {
-                let Some(key) = self.verifier.verify(&leak.key, Purpose::Report).await?.key().cloned() else {
-                    return Ok::<_, Error>(pb::LeakVerdict::default());
-                };
-                let acted =
-                    self.store.record_leak(&key.id, &leak.source_url, &leak.source, self.leak_action, audit).await?;
-                if acted {
-                    self.verifier.invalidate(&key.id);
-                    tracing::warn!(key_id = %key.id, action = self.leak_action.as_str(), "leaked key reported");
-                }
-                Ok(pb::LeakVerdict { true_positive: true, key_id: key.id.clone(), prefix: key.prefix.clone() })
+        let leaks: Vec<Leak> =
+            r.leaks.into_iter().map(|l| Leak { key: l.key, source_url: l.source_url, source: l.source }).collect();
+        LeakIntake::validate("leaks", &leaks)?;
+        let intake =
+            LeakIntake { verifier: self.verifier.clone(), store: self.store.clone(), action: self.leak_action };
+        let verdicts = intake
+            .report(leaks, &caller.audit())
+            .await?
+            .into_iter()
+            .map(|found| match found {
+                Some(key) => pb::LeakVerdict { true_positive: true, key_id: key.id, prefix: key.prefix },
+                None => pb::LeakVerdict::default(),
             })
-            .buffered(LEAK_CONCURRENCY)
-            .try_collect()
-            .await?;
+            .collect();
         Ok(pb::ReportLeakedKeysResponse { verdicts })
     }
 
@@ -433,13 +419,6 @@ impl KeysService {
         Ok(proto::organization(org))
     }
 }
-
-/// Most leaks one ReportLeakedKeys call may carry.
-const MAX_LEAKS_PER_CALL: usize = 1_000;
-/// Longest source URL of a reported leak.
-const MAX_SOURCE_URL_LEN: usize = 2_048;
-/// Leaks of one call checked at once.
-const LEAK_CONCURRENCY: usize = 8;
 
 /// Longest grace period RollKey accepts.
 const MAX_GRACE: chrono::Duration = chrono::Duration::days(7);
