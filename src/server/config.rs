@@ -210,6 +210,16 @@ pub struct ServeArgs {
     #[arg(long, env = "TAKUMO_HASH_QUEUE", default_value_t = crate::verify::hashing::DEFAULT_QUEUE_CAPACITY)]
     pub hash_queue: usize,
 
+    /// Address of the public HTTP surface (GitHub's secret scanning reports at
+    /// `POST /v1/secret-scanning/github`, plain HTTP behind your TLS proxy); off when unset.
+    #[arg(long, env = "TAKUMO_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+
+    /// GitHub's secret scanning public keys, in the format GitHub publishes at
+    /// `https://api.github.com/meta/public_keys/secret_scanning`; re-read when it changes.
+    #[arg(long, env = "TAKUMO_GITHUB_SCANNING_KEYS_FILE")]
+    pub github_scanning_keys_file: Option<PathBuf>,
+
     /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); off when unset.
     #[arg(long, env = "TAKUMO_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

@@ -4,12 +4,14 @@
 use crate::{
     api::{
         auth::Authenticator,
+        leaks::LeakIntake,
         limits,
         service::KeysService,
         spans,
         tls::{self, CertServices},
     },
     error::{Error, Result},
+    http::{self, github::GithubScanning},
     metrics::{self, Metrics},
     proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
     server::{
@@ -61,6 +63,8 @@ pub struct Application {
     max_request_bytes: usize,
     max_concurrent_streams: u32,
     metrics_listener: Option<TcpListener>,
+    /// The public HTTP surface (`TAKUMO_HTTP_LISTEN`) and its routes.
+    http: Option<(TcpListener, axum::Router)>,
     /// Sets the scrape-time gauges from their sources.
     gauges: Arc<dyn Fn() + Send + Sync>,
     shutdown_delay: Duration,
@@ -111,6 +115,17 @@ impl Application {
             ),
             None => None,
         };
+        let http = match args.http_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::invalid(format!("TAKUMO_HTTP_LISTEN {addr}: {e}")))?;
+                let intake = LeakIntake { verifier: verifier.clone(), store: store.clone(), action: args.leak_action };
+                let github = GithubScanning::new(intake, args.github_scanning_keys_file.clone());
+                Some((listener, http::router(Arc::new(github))))
+            }
+            None => None,
+        };
         let auth = Authenticator::new(tokens, cert_services, verifier.clone());
         let service =
             KeysService::new(store.clone(), hasher, verifier.clone(), auth).with_leak_action(args.leak_action);
@@ -129,6 +144,7 @@ impl Application {
             max_request_bytes: args.max_request_bytes,
             max_concurrent_streams: args.http2_max_concurrent_streams.max(1),
             metrics_listener,
+            http,
             gauges,
             shutdown_delay: Duration::from_millis(args.shutdown_delay_ms),
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
@@ -142,6 +158,11 @@ impl Application {
     /// Where the metrics endpoint listens, when enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the public HTTP surface listens, when enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The usage counter, so tests and shutdown can force a flush.
@@ -175,6 +196,13 @@ impl Application {
                 tracing::info!(%addr, "serving metrics");
             }
             tokio::spawn(metrics::serve(listener, metrics, gauges, stop_rx.clone()))
+        });
+
+        let http_task = self.http.map(|(listener, router)| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving HTTP");
+            }
+            tokio::spawn(http::serve(listener, router, stop_rx.clone()))
         });
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -248,6 +276,9 @@ impl Application {
         let _ = watcher.await;
         let _ = flusher.await;
         if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        if let Some(t) = http_task {
             let _ = t.await;
         }
         tracing::info!("stopped");

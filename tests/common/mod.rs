@@ -126,6 +126,8 @@ pub struct TestApp {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The public HTTP surface, when `http_listen` was set.
+    pub http_addr: Option<std::net::SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<takumo_keys::Result<()>>>,
     pub db: Arc<TestDb>,
@@ -208,6 +210,7 @@ impl TestApp {
         let store = app.store();
         let metrics = app.metrics();
         let metrics_addr = app.metrics_addr();
+        let http_addr = app.http_addr();
         let (tx, rx) = oneshot::channel();
         let server = tokio::spawn(app.run_until(async {
             let _ = rx.await;
@@ -231,6 +234,7 @@ impl TestApp {
             store,
             metrics,
             metrics_addr,
+            http_addr,
             stop: Some(tx),
             server: Some(server),
             db,

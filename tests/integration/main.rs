@@ -12,6 +12,7 @@ mod authz_matrix;
 #[cfg(feature = "client")]
 mod client_layer;
 mod faults;
+mod github_scanning;
 mod hostile;
 mod operations;
 mod proptest_keys;
