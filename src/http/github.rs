@@ -40,8 +40,9 @@ type Keys = HashMap<String, Vec<u8>>;
 pub struct GithubScanning {
     intake: LeakIntake,
     keys_file: Option<PathBuf>,
-    /// The keys file as last read: its modification time and the keys by identifier.
-    keys: Mutex<Option<(SystemTime, Keys)>>,
+    /// The keys file as last read: its modification time and length (a
+    /// change of either means a new file), and the keys by identifier.
+    keys: Mutex<Option<((SystemTime, u64), Keys)>>,
 }
 
 impl GithubScanning {
@@ -58,11 +59,12 @@ impl GithubScanning {
                 source: None,
             });
         };
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).map_err(Error::internal)?;
+        let meta = std::fs::metadata(path).map_err(Error::internal)?;
+        let version = (meta.modified().map_err(Error::internal)?, meta.len());
         let mut cached = self.keys.lock().expect("keys lock");
-        if cached.as_ref().is_none_or(|(at, _)| *at != modified) {
+        if cached.as_ref().is_none_or(|(seen, _)| *seen != version) {
             let text = std::fs::read_to_string(path).map_err(Error::internal)?;
-            *cached = Some((modified, parse_keys(&text)?));
+            *cached = Some((version, parse_keys(&text)?));
         }
         Ok(cached.as_ref().and_then(|(_, keys)| keys.get(id).cloned()))
     }

@@ -27,13 +27,16 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 
 impl Github {
     fn new() -> Self {
+        Self::with_identifier("test-key-1")
+    }
+
+    fn with_identifier(identifier: &str) -> Self {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng).unwrap();
         let spki = [P256_SPKI_PREFIX.as_slice(), pair.public_key().as_ref()].concat();
         let pem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", STANDARD.encode(spki));
-        let doc =
-            serde_json::json!({"public_keys": [{"key_identifier": "test-key-1", "key": pem, "is_current": true}]});
+        let doc = serde_json::json!({"public_keys": [{"key_identifier": identifier, "key": pem, "is_current": true}]});
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret_scanning.json");
         std::fs::write(&file, doc.to_string()).unwrap();
@@ -136,7 +139,29 @@ async fn forged_unsigned_unknown_or_oversized_reports_change_nothing(b: Backend)
     assert!(app.verify(&secret, &[], None).await.valid, "a refused report changed the key");
 }
 
+/// GitHub rotates its keys: a rewritten keys file is read again, and a
+/// report signed with the new key is accepted.
+async fn a_rewritten_keys_file_is_read_again(b: Backend) {
+    let github = Github::new();
+    let app = app_with(b, &github).await;
+    let body = report_body(&["tk_live_not-ours"]);
+    let first = [
+        ("Github-Public-Key-Identifier", "test-key-1".to_owned()),
+        ("Github-Public-Key-Signature", github.sign(&body)),
+    ];
+    assert_eq!(post(&app, &body, &first).await.0, 200);
+    let rotated = Github::with_identifier("test-key-rotated");
+    std::fs::copy(&rotated.file, &github.file).unwrap();
+    let second = [
+        ("Github-Public-Key-Identifier", "test-key-rotated".to_owned()),
+        ("Github-Public-Key-Signature", rotated.sign(&body)),
+    ];
+    assert_eq!(post(&app, &body, &second).await.0, 200);
+    assert_eq!(post(&app, &body, &first).await.0, 401, "the retired key is gone");
+}
+
 for_each_backend!(
+    a_rewritten_keys_file_is_read_again,
     a_signed_report_revokes_our_keys_and_labels_every_token,
     forged_unsigned_unknown_or_oversized_reports_change_nothing,
 );
