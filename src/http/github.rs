@@ -102,15 +102,17 @@ pub async fn report(State(s): State<Arc<GithubScanning>>, headers: HeaderMap, bo
         return plain(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 1 MiB");
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (Some(key_id), Some(signature)) = (header(KEY_ID_HEADER), header(SIGNATURE_HEADER)) else {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "Github-Public-Key-Identifier and Github-Public-Key-Signature are required",
-        );
+    // The contract's codes: a missing or bad signature is 401, a missing or
+    // unknown key identifier 400, a body over 1 MiB 413.
+    let Some(signature) = header(SIGNATURE_HEADER) else {
+        return plain(StatusCode::UNAUTHORIZED, "Github-Public-Key-Signature is required");
+    };
+    let Some(key_id) = header(KEY_ID_HEADER) else {
+        return plain(StatusCode::BAD_REQUEST, "Github-Public-Key-Identifier is required");
     };
     let point = match s.public_key(key_id) {
         Ok(Some(point)) => point,
-        Ok(None) => return plain(StatusCode::UNAUTHORIZED, "unknown Github-Public-Key-Identifier"),
+        Ok(None) => return plain(StatusCode::BAD_REQUEST, "unknown Github-Public-Key-Identifier"),
         Err(e) => {
             tracing::error!(error = %crate::error::error_chain(&e), "cannot read GitHub's public keys");
             return plain(StatusCode::SERVICE_UNAVAILABLE, "the keys to check the signature with are unavailable");
