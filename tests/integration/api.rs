@@ -1039,19 +1039,7 @@ async fn update_key_changes_only_the_masked_fields_and_is_audited(b: Backend) {
     assert!(cleared.metadata.is_empty() && cleared.expires_at.is_none());
     assert_eq!(cleared.name, "renamed");
 
-    let events = c
-        .list_audit_events(as_service(
-            pb::ListAuditEventsRequest {
-                organization_id: "acme".into(),
-                action: Some(pb::AuditAction::KeyUpdated as i32),
-                ..Default::default()
-            },
-            "a",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = events_of(&app, pb::AuditAction::KeyUpdated).await;
     let details: Vec<&str> = events.iter().map(|e| e.detail.as_str()).collect();
     assert_eq!(details, ["changed: metadata, expires_at", "changed: name, metadata, expires_at"]);
     assert!(!events.iter().any(|e| e.detail.contains("acme-eu")), "a metadata value reached the audit log");
@@ -1155,19 +1143,7 @@ async fn roll_key_issues_a_linked_copy_and_keeps_the_old_key_for_its_grace(b: Ba
     let v = app.verify(&r.secret, &[], None).await;
     assert!(v.valid && v.metadata == labels, "{v:?}");
 
-    let events = c
-        .list_audit_events(as_service(
-            pb::ListAuditEventsRequest {
-                organization_id: "acme".into(),
-                action: Some(pb::AuditAction::KeyRolled as i32),
-                ..Default::default()
-            },
-            "a",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = events_of(&app, pb::AuditAction::KeyRolled).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].key_id, new.id);
     assert!(events[0].detail.contains(&old.id) && events[0].detail.contains("works until"), "{}", events[0].detail);
@@ -1262,13 +1238,14 @@ fn leak(key: &str, url: &str) -> pb::LeakedKey {
     pb::LeakedKey { key: key.into(), source_url: url.into(), source: "github".into() }
 }
 
-async fn leaked_events(app: &TestApp) -> Vec<pb::AuditEvent> {
+/// The audit events of organization `acme` with `action`, newest first.
+async fn events_of(app: &TestApp, action: pb::AuditAction) -> Vec<pb::AuditEvent> {
     app.client
         .clone()
         .list_audit_events(as_service(
             pb::ListAuditEventsRequest {
                 organization_id: "acme".into(),
-                action: Some(pb::AuditAction::KeyLeaked as i32),
+                action: Some(action as i32),
                 ..Default::default()
             },
             "a",
@@ -1317,9 +1294,9 @@ async fn leaked_keys_are_revoked_once_per_source_and_false_positives_change_noth
 
     // Again from the same place: nothing new. From another place: audited, nothing more to do.
     assert!(report(vec![leak(&leaked_secret, url)]).await[0].true_positive);
-    assert_eq!(leaked_events(&app).await.len(), 1);
+    assert_eq!(events_of(&app, pb::AuditAction::KeyLeaked).await.len(), 1);
     report(vec![leak(&leaked_secret, "https://gist.github.com/x")]).await;
-    let events = leaked_events(&app).await;
+    let events = events_of(&app, pb::AuditAction::KeyLeaked).await;
     assert_eq!(events.len(), 2);
     assert!(events[1].detail.contains(url) && events[1].detail.contains("revoked"), "{}", events[1].detail);
     assert!(events[0].detail.contains("already revoked"), "{}", events[0].detail);
@@ -1360,7 +1337,7 @@ async fn the_leak_action_can_disable_or_only_report(b: Backend) {
         let v = app.client.clone().report_leaked_keys(as_service(req, "support")).await.unwrap().into_inner();
         assert!(v.verdicts[0].true_positive);
         assert_eq!(app.verify(&secret, &[], None).await.code(), want, "{action:?}");
-        assert_eq!(leaked_events(&app).await.len(), 1, "{action:?} is audited");
+        assert_eq!(events_of(&app, pb::AuditAction::KeyLeaked).await.len(), 1, "{action:?} is audited");
     }
 }
 
