@@ -480,29 +480,14 @@ mod tests {
 
     #[test]
     fn an_rpc_needing_two_scopes_names_the_one_missing() {
-        let key = |scopes: &[&str]| {
-            let now = Utc::now();
-            Caller {
-                principal: Principal::Key(std::sync::Arc::new(ApiKey {
-                    id: "0123456789ABCDEF".into(),
-                    organization_id: "acme".into(),
-                    name: "k".into(),
-                    prefix: "tk_live_01234567".into(),
-                    status: crate::domain::model::KeyStatus::Active,
-                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                    created_by: "alice".into(),
-                    created_at: now,
-                    last_used_at: None,
-                    expires_at: None,
-                    environment: Environment::Live,
-                    metadata: Default::default(),
-                    rotated_from: None,
-                    rotated_to: None,
-                })),
-                actor: None,
-                request_id: "r".into(),
-                peer: None,
-            }
+        let key = |scopes: &[&str]| Caller {
+            principal: Principal::Key(std::sync::Arc::new(ApiKey {
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                ..ApiKey::for_test("0123456789ABCDEF")
+            })),
+            actor: None,
+            request_id: "r".into(),
+            peer: None,
         };
         let refusal = |c: &Caller| authorize(c, Rpc::RollKey).unwrap_err().to_string();
         let lacks = |s: &str| format!("lacks the `{s}` scope");

@@ -138,6 +138,28 @@ pub struct ApiKey {
 pub type Metadata = std::collections::BTreeMap<String, String>;
 
 impl ApiKey {
+    /// An active live key of `acme` created by alice, with no scopes: the
+    /// unit tests' starting point (they override the fields they are about).
+    #[cfg(test)]
+    pub(crate) fn for_test(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            organization_id: "acme".into(),
+            name: "k".into(),
+            prefix: "tk_live_".into(),
+            status: KeyStatus::Active,
+            scopes: vec![],
+            created_by: "alice".into(),
+            created_at: Utc::now(),
+            last_used_at: None,
+            expires_at: None,
+            environment: Environment::Live,
+            metadata: Default::default(),
+            rotated_from: None,
+            rotated_to: None,
+        }
+    }
+
     /// This key's position in `ListKeys` order, where the next page starts after.
     pub fn cursor(&self) -> Cursor {
         Cursor { created_at: self.created_at, id: self.id.clone() }

@@ -259,25 +259,9 @@ impl VerifyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::model::{Environment, KeyStatus};
 
     fn key(id: &str) -> Arc<ApiKey> {
-        Arc::new(ApiKey {
-            id: id.into(),
-            organization_id: "acme".into(),
-            name: "k".into(),
-            prefix: "tk_live_".into(),
-            status: KeyStatus::Active,
-            scopes: vec![],
-            created_by: "alice".into(),
-            created_at: chrono::Utc::now(),
-            last_used_at: None,
-            expires_at: None,
-            environment: Environment::Live,
-            metadata: Default::default(),
-            rotated_from: None,
-            rotated_to: None,
-        })
+        Arc::new(ApiKey::for_test(id))
     }
 
     #[test]

@@ -514,7 +514,6 @@ impl ChangeSink for Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::model::Environment;
 
     fn outage() -> Error {
         Error::Unavailable { message: "down".into(), source: None }
@@ -545,22 +544,11 @@ mod tests {
     }
 
     fn key(status: KeyStatus, expires_at: Option<DateTime<Utc>>) -> ApiKey {
-        let now = Utc::now();
         ApiKey {
-            id: "0123456789ABCDEF".into(),
-            prefix: "tk_live_0123".into(),
-            organization_id: "acme".into(),
-            name: "ci".into(),
             scopes: vec!["api_keys.read".into(), "fleet.read".into()],
             status,
-            created_by: "alice".into(),
-            created_at: now,
-            last_used_at: None,
             expires_at,
-            environment: Environment::Live,
-            metadata: Default::default(),
-            rotated_from: None,
-            rotated_to: None,
+            ..ApiKey::for_test("0123456789ABCDEF")
         }
     }
 
