@@ -7,7 +7,8 @@
 //! |---|---|
 //! | [`server`] | settings, secrets resolution, wiring, lifecycle, health, CLI commands, telemetry |
 //! | [`api`] | the gRPC surface: handlers, caller authentication and authorization, request limits, TLS identities, page tokens, key issuance |
-//! | [`http`] | the public HTTP surface: GitHub's secret scanning endpoint (over the API's leak intake) |
+//! | [`http`] | the public HTTP surface: GitHub's secret scanning endpoint (over the API's leak intake), HTTP forward-auth for proxies |
+//! | [`gateway`] | key enforcement by proxies: the decision HTTP forward-auth (nginx `auth_request` and kin) and Envoy's ext_authz share |
 //! | [`client`] (feature `client`) | the Rust client and the tower layer internal services use to verify keys (a surface too, over [`proto`] and [`verify::Denial`]) |
 //! | [`verify`] | the verification engine: verifier and its decision, the caches, argon2 hashing, usage counting |
 //! | [`store`] | the `Store` trait, its PostgreSQL and SQLite backends, the business rules both apply |
@@ -19,6 +20,7 @@ pub mod api;
 pub mod client;
 pub mod domain;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod proto;
@@ -41,7 +43,7 @@ mod layering {
             "proto" => 1,
             "store" => 2,
             "verify" => 3,
-            "api" | "client" | "http" => 4,
+            "api" | "client" | "gateway" | "http" => 4,
             "server" => 5,
             _ => return None,
         })

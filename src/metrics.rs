@@ -23,6 +23,14 @@ pub struct CodeLabels {
     pub code: &'static str,
 }
 
+/// A gateway's answer: which protocol asked (`http` forward-auth or Envoy's
+/// `ext_authz`) and what it was told.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub protocol: &'static str,
+    pub decision: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~1.6 s: the warm path sits at the bottom, argon2 near 15 ms.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16))
@@ -39,6 +47,8 @@ pub struct Metrics {
     /// the credential of a management call. They are not API calls: usage
     /// counts accepted calls only.
     pub key_refusals: Family<CodeLabels, Counter>,
+    /// Answers to proxies (forward-auth and ext_authz), by protocol and decision.
+    pub gateway_decisions: Family<GatewayLabels, Counter>,
     /// Presented key found in the verified-key cache and fresh.
     pub cache_hits: Counter,
     /// Cached but past the freshness bound: re-read from the store.
@@ -80,6 +90,8 @@ pub struct Metrics {
     pub db_pool_idle: Gauge,
     /// 1 while change notices from the store flow, 0 while they cannot arrive.
     pub change_notices_flowing: Gauge,
+    /// Open `WatchKeyChanges` streams.
+    pub change_subscribers: Gauge,
 }
 
 impl Default for Metrics {
@@ -99,6 +111,12 @@ impl Default for Metrics {
             "Presentations of a proven key that were refused (not counted as API calls), by code",
             key_refusals.clone(),
         );
+        let gateway_decisions = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "gateway_decisions",
+            "Answers to proxies enforcing keys (HTTP forward-auth, Envoy ext_authz), by protocol and decision",
+            gateway_decisions.clone(),
+        );
         let verify_outcomes = Family::<CodeLabels, Counter>::default();
         registry.register("verify_outcomes", "VerifyKey answers, by code", verify_outcomes.clone());
         let m = Self {
@@ -106,6 +124,7 @@ impl Default for Metrics {
             rpc_latency,
             verify_outcomes,
             key_refusals,
+            gateway_decisions,
             cache_hits: Counter::default(),
             cache_refreshes: Counter::default(),
             cache_stale_served: Counter::default(),
@@ -131,6 +150,7 @@ impl Default for Metrics {
             db_pool_in_use: Gauge::default(),
             db_pool_idle: Gauge::default(),
             change_notices_flowing: Gauge::default(),
+            change_subscribers: Gauge::default(),
             registry: Registry::default(),
         };
         let counters: [(&str, &str, &Counter); 17] = [
@@ -163,13 +183,14 @@ impl Default for Metrics {
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
         }
-        let gauges: [(&str, &str, &Gauge); 6] = [
+        let gauges: [(&str, &str, &Gauge); 7] = [
             ("cache_entries", "Verified keys in the cache", &m.cache_entries),
             ("argon2_queue_depth", "Argon2 jobs queued or running", &m.argon2_queue_depth),
             ("usage_pending_keys", "Keys with usage counts not yet written", &m.usage_pending_keys),
             ("db_pool_in_use", "Database connections in use", &m.db_pool_in_use),
             ("db_pool_idle", "Database connections idle", &m.db_pool_idle),
             ("change_notices_flowing", "1 while change notices from the store arrive", &m.change_notices_flowing),
+            ("change_subscribers", "Open WatchKeyChanges streams", &m.change_subscribers),
         ];
         for (name, help, g) in gauges {
             registry.register(name, help, g.clone());
@@ -200,6 +221,11 @@ impl Metrics {
     /// Counts one VerifyKey answer.
     pub fn verify_outcome(&self, code: &'static str) {
         self.verify_outcomes.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// Counts one answer to a proxy.
+    pub fn gateway_decision(&self, protocol: &'static str, decision: &'static str) {
+        self.gateway_decisions.get_or_create(&GatewayLabels { protocol, decision }).inc();
     }
 
     /// Counts one handled RPC and its latency.

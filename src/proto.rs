@@ -17,6 +17,10 @@ pub mod pb {
 /// The descriptor set gRPC reflection serves, so grpcurl needs no proto files.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("takumo_apikeys_v1_descriptor");
 
+/// Envoy's `envoy.service.auth.v3` (ext_authz) and everything it imports, for
+/// reflection: compiled by build.rs from the files `envoy-types` ships.
+pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
+
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }

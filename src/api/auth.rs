@@ -88,12 +88,13 @@ pub enum Rpc {
     UpdateKey,
     RollKey,
     ReportLeakedKeys,
+    WatchKeyChanges,
 }
 
 impl Rpc {
     /// Every RPC, in the proto's order (the unit test holds them to it).
     #[cfg(test)]
-    const ALL: [Rpc; 15] = [
+    const ALL: [Rpc; 16] = [
         Rpc::CreateKey,
         Rpc::GetKey,
         Rpc::ListKeys,
@@ -109,6 +110,7 @@ impl Rpc {
         Rpc::UpdateKey,
         Rpc::RollKey,
         Rpc::ReportLeakedKeys,
+        Rpc::WatchKeyChanges,
     ];
 
     /// The method name in `takumo.apikeys.v1.ApiKeyService`.
@@ -129,6 +131,7 @@ impl Rpc {
             Rpc::UpdateKey => "UpdateKey",
             Rpc::RollKey => "RollKey",
             Rpc::ReportLeakedKeys => "ReportLeakedKeys",
+            Rpc::WatchKeyChanges => "WatchKeyChanges",
         }
     }
 }
@@ -158,7 +161,9 @@ pub fn rule(rpc: Rpc) -> KeyAccess {
         // Rolling creates a key and ends another.
         Rpc::RollKey => KeyAccess::Scopes(&[scopes::API_KEYS_CREATE, scopes::API_KEYS_REVOKE]),
         Rpc::ListScopes => KeyAccess::Authenticated,
-        Rpc::VerifyKey | Rpc::SetOrganizationPlan | Rpc::ReportLeakedKeys => KeyAccess::Denied,
+        // What every key of every organization does is for the services that
+        // enforce keys, not for a customer's key.
+        Rpc::VerifyKey | Rpc::SetOrganizationPlan | Rpc::ReportLeakedKeys | Rpc::WatchKeyChanges => KeyAccess::Denied,
         Rpc::ListAuditEvents => KeyAccess::Scope(scopes::AUDIT_READ),
         Rpc::ExportAuditEvents => KeyAccess::Scope(scopes::AUDIT_EXPORT),
     }

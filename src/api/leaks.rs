@@ -64,7 +64,7 @@ impl LeakIntake {
                     return Ok::<_, Error>(None);
                 };
                 if self.store.record_leak(&key.id, &leak.source_url, &leak.source, self.action, audit).await? {
-                    self.verifier.invalidate(&key.id);
+                    self.verifier.invalidate(&key.id, &key.organization_id);
                     tracing::warn!(key_id = %key.id, action = self.action.as_str(), "leaked key reported");
                 }
                 Ok(Some(key))

@@ -17,12 +17,13 @@ use crate::{
     proto::{self, pb},
     store::{Store, truncate_micros},
     verify::hashing::Hasher,
-    verify::{Denial, Purpose, Verdict, Verifier},
+    verify::{Denial, Purpose, Verdict, Verifier, changes::Change},
 };
 use chrono::Utc;
 use futures::TryStreamExt;
 use pb::api_key_service_server::ApiKeyService;
 use std::sync::Arc;
+use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 pub const DEFAULT_PAGE_SIZE: usize = 50;
@@ -174,7 +175,7 @@ impl KeysService {
             .set_status(&r.id, status, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", r.id)))?;
-        self.verifier.invalidate(&key.id);
+        self.verifier.invalidate(&key.id, &key.organization_id);
         tracing::info!(key_id = %key.id, status = key.status.as_str(), "key status set");
         Ok(key.into())
     }
@@ -233,7 +234,7 @@ impl KeysService {
             .update_key(&target.id, &update, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", target.id)))?;
-        self.verifier.invalidate(&key.id);
+        self.verifier.invalidate(&key.id, &key.organization_id);
         tracing::info!(key_id = %key.id, fields = ?update.fields(), "key updated");
         Ok(key.into())
     }
@@ -249,7 +250,7 @@ impl KeysService {
         let (key, secret, previous) = roll_key(&*self.store, &self.hasher, &old, grace, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", old.id)))?;
-        self.verifier.invalidate(&previous.id);
+        self.verifier.invalidate(&previous.id, &previous.organization_id);
         spans::record("key_id", &key.id);
         tracing::info!(key_id = %key.id, previous = %previous.id, "key rolled");
         Ok(pb::RollKeyResponse {
@@ -291,7 +292,7 @@ impl KeysService {
             .revoke_key(id, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {id} not found")))?;
-        self.verifier.invalidate(&key.id);
+        self.verifier.invalidate(&key.id, &key.organization_id);
         tracing::info!(key_id = %key.id, "key revoked");
         Ok(key.into())
     }
@@ -299,11 +300,11 @@ impl KeysService {
     async fn delete_key(&self, req: Request<pb::DeleteKeyRequest>) -> Result<pb::DeleteKeyResponse> {
         let caller = self.caller(&req, Rpc::DeleteKey).await?;
         let id = &req.get_ref().id;
-        self.managed_key(&caller, id).await?;
+        let target = self.managed_key(&caller, id).await?;
         if !self.store.delete_key(id, &caller.audit()).await? {
             return Err(Error::not_found(format!("key {id} not found")));
         }
-        self.verifier.invalidate(id);
+        self.verifier.invalidate(id, &target.organization_id);
         tracing::info!(key_id = %id, "key deleted");
         Ok(pb::DeleteKeyResponse {})
     }
@@ -409,6 +410,16 @@ impl KeysService {
         Ok(Box::pin(events))
     }
 
+    async fn watch_key_changes(&self, req: Request<pb::WatchKeyChangesRequest>) -> Result<ChangeStream> {
+        self.caller(&req, Rpc::WatchKeyChanges).await?;
+        let organization = req.into_inner().organization_id;
+        if let Some(o) = &organization {
+            validate::ident("organization_id", o)?;
+        }
+        let rx = self.verifier.changes().subscribe().map_err(|why| change_stream_ended(&why))?;
+        Ok(change_stream(rx, organization))
+    }
+
     async fn set_organization_plan(&self, req: Request<pb::SetOrganizationPlanRequest>) -> Result<pb::Organization> {
         let caller = self.caller(&req, Rpc::SetOrganizationPlan).await?;
         let r = req.into_inner();
@@ -512,6 +523,60 @@ const EXPORT_BATCH: usize = 500;
 
 pub type AuditStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
 
+pub type ChangeStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::KeyChange, Status>> + Send>>;
+
+/// Why a change stream cannot go on (or start): the caller must stop
+/// trusting cached verdicts and reconnect with backoff.
+fn change_stream_ended(why: &Change) -> Error {
+    let message = match why {
+        Change::Stopping => "this replica is shutting down: reconnect (to another replica)",
+        _ => {
+            "this replica has not heard key changes for a while (its database is out of reach): keep verdicts \
+             briefly and retry with backoff, perhaps on another replica"
+        }
+    };
+    Error::Unavailable { message: message.into(), source: None }
+}
+
+/// The stream of one `WatchKeyChanges` call: changes of `organization`
+/// (all when `None`), a resync when this subscriber fell behind, the end
+/// (UNAVAILABLE) when changes stop flowing or the process stops.
+fn change_stream(rx: broadcast::Receiver<Change>, organization: Option<String>) -> ChangeStream {
+    let resync = pb::KeyChange { resync: true, ..Default::default() };
+    let stream = futures::stream::unfold(Some(rx), move |rx| {
+        let (organization, resync) = (organization.clone(), resync.clone());
+        async move {
+            let mut rx = rx?;
+            loop {
+                let item = match rx.recv().await {
+                    Ok(Change::Key { id, organization_id }) => {
+                        // A notice that names no organization goes to every stream.
+                        if let (Some(want), Some(got)) = (&organization, &organization_id)
+                            && **want != **got
+                        {
+                            continue;
+                        }
+                        Ok(pb::KeyChange {
+                            key_id: id.to_string(),
+                            organization_id: organization_id.map(|o| o.to_string()).unwrap_or_default(),
+                            resync: false,
+                        })
+                    }
+                    Ok(Change::Resync) => Ok(resync),
+                    // Changes were dropped for this slow reader: it must forget everything.
+                    Err(broadcast::error::RecvError::Lagged(_)) => Ok(resync),
+                    Ok(why @ (Change::Lost | Change::Stopping)) => {
+                        return Some((Err(Status::from(change_stream_ended(&why))), None));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                return Some((item, Some(rx)));
+            }
+        }
+    });
+    Box::pin(stream)
+}
+
 fn page_size(requested: i32) -> Result<usize> {
     match requested {
         0 => Ok(DEFAULT_PAGE_SIZE),
@@ -599,5 +664,12 @@ impl ApiKeyService for KeysService {
         r: Request<pb::ExportAuditEventsRequest>,
     ) -> Result<Response<AuditStream>, Status> {
         self.respond(Rpc::ExportAuditEvents, KeysService::export_audit_events(self, r)).await
+    }
+    type WatchKeyChangesStream = ChangeStream;
+    async fn watch_key_changes(
+        &self,
+        r: Request<pb::WatchKeyChangesRequest>,
+    ) -> Result<Response<ChangeStream>, Status> {
+        self.respond(Rpc::WatchKeyChanges, KeysService::watch_key_changes(self, r)).await
     }
 }

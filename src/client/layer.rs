@@ -1,10 +1,17 @@
 //! The tower layer that puts API-key authentication in front of an internal service.
 //!
-//! Per request: the route's requirement (by URI path), the bearer key, a look in a short-lived
-//! verdict cache, else `VerifyKey`. A valid key reaches the inner service with its
-//! [`VerifiedKey`] in the extensions; everything else is answered here, as a trailers-only
-//! gRPC error for gRPC requests and as 401/403/503 for plain HTTP. Nothing in the request path
-//! panics: every failure becomes a response.
+//! Per request: the route's requirement (by URI path), the bearer key, a look in the verdict
+//! cache, else `VerifyKey`. A valid key reaches the inner service with its [`VerifiedKey`] in
+//! the extensions; everything else is answered here, as a trailers-only gRPC error for gRPC
+//! requests and as 401/403/503 for plain HTTP. Nothing in the request path panics: every
+//! failure becomes a response.
+//!
+//! Revocation is pushed: the layer holds a `WatchKeyChanges` stream to the keys service. While
+//! it is up, a verdict is kept until a change of its key arrives (at most the maximum age,
+//! default 5 minutes); a change, a resync or a reconnect voids the verdicts it concerns. While
+//! the stream is down, verdicts live for the short TTL only (default 5 s) and the stream is
+//! retried with backoff. The stream and `VerifyKey` share the client's channel, so both reach
+//! the same replica when the channel is one connection (the usual case).
 
 use super::{Denial, KeysClient, Verdict, VerifiedKey};
 use crate::{domain::keys, domain::scopes, error::Result};
@@ -14,9 +21,12 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use moka::sync::Cache;
 use sha2::Sha256;
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tonic::{Code, Status};
 use tower::{Layer, Service};
@@ -41,6 +51,8 @@ pub struct VerifyLayerBuilder {
     rules: Vec<(String, Vec<String>, bool)>,
     default_scopes: Vec<String>,
     cache_ttl: Duration,
+    max_age: Duration,
+    watch_changes: bool,
     cache_capacity: u64,
     timeout: Duration,
 }
@@ -64,10 +76,25 @@ impl VerifyLayerBuilder {
         self
     }
 
-    /// How long a verdict, positive or negative, is reused (default 5 s). This bounds how long
-    /// a disabled or revoked key keeps working here; zero turns the cache off.
+    /// How long a verdict, positive or negative, is reused while the change stream is down
+    /// (default 5 s): what bounds how long a disabled or revoked key keeps working here when
+    /// changes cannot be pushed. Zero turns the cache off.
     pub fn cache_ttl(mut self, ttl: Duration) -> Self {
         self.cache_ttl = ttl;
+        self
+    }
+
+    /// How long a verdict is kept while the change stream is up (default 5 minutes): a change
+    /// of its key voids it at once; this bounds what a lost change could cost.
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// Whether to subscribe to `WatchKeyChanges` (default true). Without it every verdict
+    /// lives for the TTL only.
+    pub fn watch_changes(mut self, watch: bool) -> Self {
+        self.watch_changes = watch;
         self
     }
 
@@ -98,12 +125,31 @@ impl VerifyLayerBuilder {
             rules.push((path, rule));
         }
         let default = Rule::Scopes(scope_set("default scopes", self.default_scopes)?);
+        let watching = self.watch_changes && !self.cache_ttl.is_zero();
+        let lifetime = if watching { self.cache_ttl.max(self.max_age) } else { self.cache_ttl };
         let cache = (!self.cache_ttl.is_zero())
-            .then(|| Cache::builder().max_capacity(self.cache_capacity).time_to_live(self.cache_ttl).build());
+            .then(|| Cache::builder().max_capacity(self.cache_capacity).time_to_live(lifetime).build());
         let mac = Hmac::<Sha256>::new_from_slice(&rand::random::<[u8; 32]>())
             .map_err(|e| crate::Error::internal(anyhow::anyhow!("verdict cache key: {e}")))?;
+        let freshness = Arc::new(Freshness::new(self.cache_ttl, self.max_age));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let watcher = watching.then(|| Watcher {
+            client: self.client.clone(),
+            freshness: freshness.clone(),
+            stopped: std::sync::Mutex::new(Some(stopped)),
+        });
         Ok(VerifyLayer {
-            shared: Arc::new(Shared { client: self.client, rules, default, cache, mac, timeout: self.timeout }),
+            shared: Arc::new(Shared {
+                client: self.client,
+                rules,
+                default,
+                cache,
+                mac,
+                timeout: self.timeout,
+                freshness,
+                watcher,
+                _stop: stop,
+            }),
         })
     }
 }
@@ -116,12 +162,20 @@ pub struct VerifyLayer {
 }
 
 impl VerifyLayer {
+    /// True while the change stream is up, i.e. while a revocation reaches this layer's
+    /// verdicts as soon as the keys service hears of it (for readiness checks and tests).
+    pub fn is_watching(&self) -> bool {
+        self.shared.freshness.session.load(Ordering::Acquire) != 0
+    }
+
     pub fn builder(client: KeysClient) -> VerifyLayerBuilder {
         VerifyLayerBuilder {
             client,
             rules: vec![],
             default_scopes: vec![],
             cache_ttl: Duration::from_secs(5),
+            max_age: Duration::from_secs(300),
+            watch_changes: true,
             cache_capacity: 10_000,
             timeout: Duration::from_secs(2),
         }
@@ -147,9 +201,188 @@ struct Shared {
     default: Rule,
     /// Verdicts by HMAC of (key, required scopes) under a random per-layer key: a heap dump
     /// yields neither a key nor a hash that can be checked offline. `None` when the TTL is zero.
-    cache: Option<Cache<[u8; 32], Verdict>>,
+    cache: Option<Cache<[u8; 32], Cached>>,
     mac: Hmac<Sha256>,
     timeout: Duration,
+    freshness: Arc<Freshness>,
+    /// The change stream, started on the first request (a layer may be built outside a
+    /// runtime); `None` when not watching.
+    watcher: Option<Watcher>,
+    /// Dropped with the last clone of the layer: the watcher task then ends.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A cached verdict and what it was cached under.
+#[derive(Clone)]
+struct Cached {
+    verdict: Verdict,
+    mark: Mark,
+    at: Instant,
+}
+
+/// Stripes of per-key change counters: a change voids the verdicts of its stripe's keys only.
+const STRIPES: usize = 1024;
+
+/// Where changes stood when a verdict was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    /// Bumped by every resync and (re)connect of the stream.
+    global: u64,
+    /// The key's stripe counter, bumped by every change of a key in the stripe.
+    stripe: u64,
+    /// The stream session the verdict was asked under (0: the stream was down).
+    session: u64,
+}
+
+/// What decides whether a cached verdict may still be used: the change counters the stream
+/// moves, and the two lifetimes.
+struct Freshness {
+    global: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+    /// The current stream session, 0 while the stream is down.
+    session: AtomicU64,
+    sessions: AtomicU64,
+    ttl: Duration,
+    max_age: Duration,
+}
+
+impl Freshness {
+    fn new(ttl: Duration, max_age: Duration) -> Self {
+        Self {
+            global: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            session: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            ttl,
+            max_age,
+        }
+    }
+
+    fn stripe(&self, key_id: &str) -> &AtomicU64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key_id);
+        &self.stripes[(h % STRIPES as u64) as usize]
+    }
+
+    /// Read before asking the keys service: a change that arrives while the question is in
+    /// flight moves a counter, and the answer is then never trusted past the first look.
+    fn mark(&self, key_id: &str) -> Mark {
+        Mark {
+            global: self.global.load(Ordering::Acquire),
+            stripe: self.stripe(key_id).load(Ordering::Acquire),
+            session: self.session.load(Ordering::Acquire),
+        }
+    }
+
+    fn usable(&self, c: &Cached, key_id: &str) -> bool {
+        let now = self.mark(key_id);
+        if c.mark.global != now.global || c.mark.stripe != now.stripe {
+            return false;
+        }
+        let pushed = c.mark.session != 0 && c.mark.session == now.session;
+        c.at.elapsed() < if pushed { self.max_age } else { self.ttl }
+    }
+
+    fn changed(&self, key_id: &str) {
+        self.stripe(key_id).fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn resync(&self) {
+        self.global.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The stream is (re)connected: verdicts asked from now on are kept until a change.
+    /// Those asked before belong to no session or an older one, so they keep living by the
+    /// TTL only: changes made while the stream was down may have been missed, and the TTL is
+    /// what bounds a verdict then. (Voiding them would turn the cache cold for nothing, and
+    /// take away what a layer can still serve if the keys service goes down next.)
+    fn connected(&self) {
+        let session = self.sessions.fetch_add(1, Ordering::AcqRel) + 1;
+        self.session.store(session, Ordering::Release);
+    }
+
+    fn disconnected(&self) {
+        self.session.store(0, Ordering::Release);
+    }
+}
+
+/// Backoff between attempts to (re)open the change stream.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+struct Watcher {
+    client: KeysClient,
+    freshness: Arc<Freshness>,
+    /// Taken by the task when it starts.
+    stopped: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl Watcher {
+    /// Starts the watch task once, from inside a runtime.
+    fn start(&self) {
+        let Some(stopped) = self.stopped.lock().ok().and_then(|mut s| s.take()) else { return };
+        tokio::spawn(watch(self.client.clone(), self.freshness.clone(), stopped));
+    }
+}
+
+/// Holds the change stream open until the layer is dropped, reconnecting with backoff.
+async fn watch(client: KeysClient, freshness: Arc<Freshness>, mut stopped: tokio::sync::oneshot::Receiver<()>) {
+    let mut backoff = WATCH_BACKOFF_MIN;
+    // Failures to open are logged once per streak, not once per attempt.
+    let mut failing = false;
+    loop {
+        let request = crate::proto::pb::WatchKeyChangesRequest { organization_id: None };
+        let mut raw = client.raw();
+        let opened = tokio::select! {
+            _ = &mut stopped => return,
+            r = raw.watch_key_changes(request) => r,
+        };
+        match opened {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                freshness.connected();
+                backoff = WATCH_BACKOFF_MIN;
+                failing = false;
+                tracing::info!("key change stream up: verdicts are kept until their key changes");
+                let ended = loop {
+                    let message = tokio::select! {
+                        _ = &mut stopped => return,
+                        m = stream.message() => m,
+                    };
+                    match message {
+                        Ok(Some(change)) if change.resync => freshness.resync(),
+                        Ok(Some(change)) => freshness.changed(&change.key_id),
+                        Ok(None) => break Status::unavailable("the keys service ended the change stream"),
+                        Err(status) => break status,
+                    }
+                };
+                freshness.disconnected();
+                tracing::warn!(
+                    code = ?ended.code(),
+                    message = ended.message(),
+                    "key change stream lost: verdicts fall back to the TTL"
+                );
+            }
+            Err(status) => {
+                freshness.disconnected();
+                if !failing {
+                    tracing::warn!(
+                        code = ?status.code(),
+                        message = status.message(),
+                        "cannot open the key change stream: verdicts live for the TTL only; retrying with backoff"
+                    );
+                    failing = true;
+                }
+            }
+        }
+        // Jittered, so a fleet of layers does not reconnect in step after a deploy.
+        let pause = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+    }
 }
 
 impl Shared {
@@ -175,10 +408,18 @@ impl Shared {
     /// the status to answer with when the keys service could not give one; it is not cached,
     /// so the next request asks again.
     async fn verdict(&self, key: &str, scopes: &[String]) -> Result<Verdict, Status> {
-        let fp = self.fingerprint(key, scopes);
-        if let Some(v) = self.cache.as_ref().and_then(|c| c.get(&fp)) {
-            return Ok(v);
+        if let Some(w) = &self.watcher {
+            w.start();
         }
+        // Only well-formed keys get here (see `bearer_key`); the id is what changes name.
+        let key_id = keys::parse(key).map_or("", |k| k.id);
+        let fp = self.fingerprint(key, scopes);
+        if let Some(c) = self.cache.as_ref().and_then(|c| c.get(&fp))
+            && self.freshness.usable(&c, key_id)
+        {
+            return Ok(c.verdict);
+        }
+        let mark = self.freshness.mark(key_id);
         let answer = tokio::time::timeout(self.timeout, self.client.verify(key, scopes)).await;
         let verdict = match answer {
             Ok(Ok(v)) => v,
@@ -200,7 +441,7 @@ impl Shared {
             }
         };
         if let Some(c) = &self.cache {
-            c.insert(fp, verdict.clone());
+            c.insert(fp, Cached { verdict: verdict.clone(), mark, at: Instant::now() });
         }
         Ok(verdict)
     }
@@ -371,6 +612,51 @@ mod tests {
         // gRPC callers: a trailers-only answer, the status in the headers.
         let grpc = reject::<tonic::body::Body>(refused(), true);
         assert_eq!(grpc.headers().get("grpc-status").unwrap(), "16");
+    }
+
+    fn cached(f: &Freshness, key_id: &str, age: Duration) -> Cached {
+        Cached {
+            verdict: Verdict::Denied(Denial::NotFound),
+            mark: f.mark(key_id),
+            at: Instant::now().checked_sub(age).unwrap(),
+        }
+    }
+
+    #[test]
+    fn verdicts_live_until_a_change_while_watching_and_for_the_ttl_otherwise() {
+        let f = Freshness::new(Duration::from_secs(5), Duration::from_secs(300));
+        // No stream: the TTL decides.
+        assert!(f.usable(&cached(&f, "k1", Duration::from_secs(4)), "k1"));
+        assert!(!f.usable(&cached(&f, "k1", Duration::from_secs(6)), "k1"));
+        let old = cached(&f, "k1", Duration::ZERO);
+        f.connected();
+        // Pushed: kept up to the maximum age.
+        assert!(f.usable(&cached(&f, "k1", Duration::from_secs(60)), "k1"));
+        assert!(!f.usable(&cached(&f, "k1", Duration::from_secs(301)), "k1"));
+        assert!(f.usable(&old, "k1"), "a verdict from before the stream still lives by the TTL");
+        // A change voids its key's verdicts, not another stripe's.
+        let (k1, k2) = (cached(&f, "k1", Duration::ZERO), cached(&f, "k2", Duration::ZERO));
+        f.changed("k1");
+        assert!(!f.usable(&k1, "k1"), "a changed key's verdict survived");
+        let same_stripe = std::ptr::eq(f.stripe("k1"), f.stripe("k2"));
+        assert_eq!(f.usable(&k2, "k2"), !same_stripe);
+        // A change during the question: the answer is not trusted.
+        let asked = cached(&f, "k3", Duration::ZERO);
+        f.changed("k3");
+        assert!(!f.usable(&asked, "k3"));
+        // A resync voids everything.
+        let k4 = cached(&f, "k4", Duration::ZERO);
+        f.resync();
+        assert!(!f.usable(&k4, "k4"));
+        // The stream lost: pushed verdicts fall back to the TTL.
+        let pushed = cached(&f, "k5", Duration::from_secs(60));
+        assert!(f.usable(&pushed, "k5"));
+        f.disconnected();
+        assert!(!f.usable(&pushed, "k5"), "a pushed verdict outlived the TTL with the stream down");
+        assert!(f.usable(&cached(&f, "k5", Duration::from_secs(1)), "k5"));
+        // A new session does not revive verdicts of the old one.
+        f.connected();
+        assert!(!f.usable(&pushed, "k5"));
     }
 
     /// An inner service that is never ready: it reports an error from `poll_ready`.

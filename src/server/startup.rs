@@ -11,9 +11,10 @@ use crate::{
         tls::{self, CertServices},
     },
     error::{Error, Result},
+    gateway::{ext_authz::ExtAuthz, forward_auth::ForwardAuth},
     http::{self, github::GithubScanning},
     metrics::{self, Metrics},
-    proto::{FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
+    proto::{ENVOY_EXT_AUTHZ_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET, pb::api_key_service_server::ApiKeyServiceServer},
     server::{
         config::{ServeArgs, StoreArgs},
         health, secrets,
@@ -26,8 +27,10 @@ use crate::{
         usage::Usage,
     },
 };
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
+use tonic::codec::CompressionEncoding;
 use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 
 /// Opens the store and resolves the pepper: the part `serve` and `bootstrap` share.
@@ -50,11 +53,26 @@ pub async fn open_store(
     Ok((store, hasher))
 }
 
+/// Accepts gzip- and zstd-compressed requests (what generated clients and
+/// proxies send when compression is on) and compresses responses for callers
+/// that advertise `grpc-accept-encoding`. A macro: the generated servers
+/// share these methods but no trait.
+macro_rules! compressed {
+    ($server:expr) => {
+        $server
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+    };
+}
+
 /// A bound, ready-to-run server.
 pub struct Application {
     listener: TcpListener,
     store: Arc<dyn Store>,
     service: KeysService,
+    ext_authz: ExtAuthz,
     verifier: Verifier,
     metrics: Arc<Metrics>,
     usage: Usage,
@@ -96,7 +114,9 @@ impl Application {
         let verifier = Verifier::new(store.clone(), hasher.clone(), usage.clone(), cache.clone(), metrics.clone());
         let gauges: Arc<dyn Fn() + Send + Sync> = {
             let (metrics, store, usage, hasher) = (metrics.clone(), store.clone(), usage.clone(), hasher.clone());
+            let changes = verifier.changes().clone();
             Arc::new(move || {
+                metrics.change_subscribers.set(changes.subscribers() as i64);
                 let (lag, keys) = usage.lag();
                 let pool = store.pool_stats();
                 metrics.cache_entries.set(cache.entry_count() as i64);
@@ -122,11 +142,13 @@ impl Application {
                     .map_err(|e| Error::invalid(format!("TAKUMO_HTTP_LISTEN {addr}: {e}")))?;
                 let intake = LeakIntake { verifier: verifier.clone(), store: store.clone(), action: args.leak_action };
                 let github = GithubScanning::new(intake, args.github_scanning_keys_file.clone());
-                Some((listener, http::router(Arc::new(github))))
+                let forward_auth = ForwardAuth { verifier: verifier.clone(), tokens: tokens.clone() };
+                Some((listener, http::router(Arc::new(github), Arc::new(forward_auth))))
             }
             None => None,
         };
         let auth = Authenticator::new(tokens, cert_services, verifier.clone());
+        let ext_authz = ExtAuthz { verifier: verifier.clone(), auth: auth.clone() };
         let service =
             KeysService::new(store.clone(), hasher, verifier.clone(), auth).with_leak_action(args.leak_action);
         let listener = TcpListener::bind(args.listen)
@@ -136,6 +158,7 @@ impl Application {
             listener,
             store,
             service,
+            ext_authz,
             verifier,
             metrics,
             usage,
@@ -214,11 +237,13 @@ impl Application {
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(ENVOY_EXT_AUTHZ_DESCRIPTOR_SET)
             .build_v1()
             .map_err(Error::internal)?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(ENVOY_EXT_AUTHZ_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(Error::internal)?;
 
@@ -243,6 +268,7 @@ impl Application {
         let (delay, timeout) = (self.shutdown_delay, self.shutdown_timeout);
         let begin_shutdown = {
             let draining = draining.clone();
+            let changes = self.verifier.changes().clone();
             async move {
                 shutdown.await;
                 let _ = prober_stop.send(true);
@@ -250,6 +276,9 @@ impl Application {
                 tracing::info!(?delay, "shutting down: health is NOT_SERVING");
                 tokio::time::sleep(delay).await;
                 tracing::info!("closing the listener; draining in-flight calls");
+                // Change streams never end by themselves: end them, so the
+                // drain waits on real calls only and watchers move elsewhere.
+                changes.stop();
                 draining.notify_one();
             }
         };
@@ -259,7 +288,12 @@ impl Application {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(ApiKeyServiceServer::new(self.service).max_decoding_message_size(self.max_request_bytes))
+            .add_service(compressed!(
+                ApiKeyServiceServer::new(self.service).max_decoding_message_size(self.max_request_bytes)
+            ))
+            .add_service(compressed!(
+                AuthorizationServer::new(self.ext_authz).max_decoding_message_size(self.max_request_bytes)
+            ))
             .serve_with_incoming_shutdown(incoming, begin_shutdown);
         let result = tokio::select! {
             r = serve => r.map_err(Error::internal),

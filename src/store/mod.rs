@@ -153,8 +153,9 @@ pub struct PoolStats {
 
 /// Receives change notices from [`Store::watch_changes`].
 pub trait ChangeSink: Send + Sync {
-    /// Key `id` changed somewhere: forget what is known about it.
-    fn key_changed(&self, id: &str);
+    /// Key `id` (of `organization_id`, when the notice says) changed
+    /// somewhere: forget what is known about it.
+    fn key_changed(&self, id: &str, organization_id: Option<&str>);
     /// Notices flow again after a gap: anything may have changed meanwhile.
     fn resync(&self);
     /// Notices stopped flowing: nothing cached can be trusted without a re-read.

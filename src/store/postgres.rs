@@ -233,7 +233,7 @@ impl Store for PostgresStore {
         let record =
             AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, id).await?;
+        notify_change(&mut tx, &key).await?;
         tx.commit().await?;
         Ok(Some(key))
     }
@@ -260,7 +260,7 @@ impl Store for PostgresStore {
         let key = key_from_row(&row)?;
         let record = AuditRecord::for_update(&key, update, audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, id).await?;
+        notify_change(&mut tx, &key).await?;
         tx.commit().await?;
         Ok(Some(key))
     }
@@ -296,7 +296,7 @@ impl Store for PostgresStore {
         let previous = key_from_row(&row)?;
         let record = AuditRecord::for_roll(&created, &previous, audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, old_id).await?;
+        notify_change(&mut tx, &previous).await?;
         tx.commit().await?;
         Ok(Some((created, previous)))
     }
@@ -343,7 +343,7 @@ impl Store for PostgresStore {
         let record = AuditRecord::for_leak(&key, before.status, source_url, source, done, audit);
         append_audit(&mut tx, &record).await?;
         if status.is_some() {
-            notify_change(&mut tx, key_id).await?;
+            notify_change(&mut tx, &key).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -366,7 +366,7 @@ impl Store for PostgresStore {
         let record =
             AuditRecord::for_key(AuditAction::KeyRevoked, &key, Some(before.status), Some(KeyStatus::Revoked), audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, id).await?;
+        notify_change(&mut tx, &key).await?;
         tx.commit().await?;
         Ok(Some(key))
     }
@@ -379,7 +379,7 @@ impl Store for PostgresStore {
         sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *tx).await?;
         let record = AuditRecord::for_key(AuditAction::KeyDeleted, &before, Some(before.status), None, audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, id).await?;
+        notify_change(&mut tx, &before).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -553,7 +553,10 @@ impl Store for PostgresStore {
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
                     r = listener.try_recv() => match r {
-                        Ok(Some(n)) => sink.key_changed(n.payload()),
+                        Ok(Some(n)) => {
+                            let (id, organization_id) = parse_notice(n.payload());
+                            sink.key_changed(id, organization_id);
+                        }
                         Ok(None) => {
                             tracing::warn!("change listener connection lost");
                             sink.notices_lost();
@@ -571,8 +574,18 @@ impl Store for PostgresStore {
     }
 }
 
-/// Channel of key-change notices; the payload is the key id.
+/// Channel of key-change notices; the payload is `<key id> <organization id>`
+/// (neither holds whitespace). Versions before `WatchKeyChanges` sent the key
+/// id alone, which is still understood.
 pub const CHANGE_CHANNEL: &str = "takumo_keys_changed";
+
+/// The key id and, when named, the organization of a change notice.
+fn parse_notice(payload: &str) -> (&str, Option<&str>) {
+    match payload.split_once(' ') {
+        Some((id, org)) => (id, Some(org)),
+        None => (payload, None),
+    }
+}
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -665,7 +678,11 @@ async fn append_audit(tx: &mut sqlx::PgConnection, r: &AuditRecord<'_>) -> Resul
 
 /// Queues a change notice in `tx`: PostgreSQL delivers it on commit only,
 /// so replicas hear of exactly the changes that happened.
-async fn notify_change(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)").bind(CHANGE_CHANNEL).bind(id).execute(tx).await?;
+async fn notify_change(tx: &mut sqlx::PgConnection, key: &ApiKey) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANGE_CHANNEL)
+        .bind(format!("{} {}", key.id, key.organization_id))
+        .execute(tx)
+        .await?;
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! [`crate::api`] or [`crate::server`].
 
 pub mod cache;
+pub mod changes;
 pub mod hashing;
 pub mod usage;
 
@@ -23,6 +24,7 @@ use crate::{
     proto::pb::VerifyCode,
     store::{ChangeSink, Store},
     verify::cache::{Entry, Fingerprint, VerifyCache},
+    verify::changes::ChangeFeed,
     verify::hashing::Hasher,
     verify::usage::Usage,
 };
@@ -218,6 +220,8 @@ pub struct Verifier {
     cache: Arc<VerifyCache>,
     metrics: Arc<Metrics>,
     breaker: Arc<Breaker>,
+    /// Every change this process hears of, for `WatchKeyChanges`.
+    changes: Arc<ChangeFeed>,
     /// A lock per presented key being resolved, so concurrent misses of one
     /// key share a single store read and argon2 verification.
     inflight: Arc<moka::sync::Cache<Fingerprint, Arc<tokio::sync::Mutex<()>>>>,
@@ -277,7 +281,7 @@ impl Verifier {
         let inflight = Arc::new(
             moka::sync::Cache::builder().max_capacity(INFLIGHT_CAPACITY).time_to_idle(Duration::from_secs(10)).build(),
         );
-        Self { store, hasher, usage, cache, metrics, breaker, inflight }
+        Self { store, hasher, usage, cache, metrics, breaker, changes: Arc::default(), inflight }
     }
 
     /// Runs a key read, recording outages for the breaker. While the breaker
@@ -478,10 +482,21 @@ impl Verifier {
         self.metrics.refused(denial.label());
     }
 
-    /// Drops what this process cached about key `id` (after a local change).
-    pub fn invalidate(&self, id: &str) {
+    /// Drops what this process cached about key `id` after a change made
+    /// here, and tells this process's change subscribers.
+    pub fn invalidate(&self, id: &str, organization_id: &str) {
+        self.forget(id, Some(organization_id));
+    }
+
+    fn forget(&self, id: &str, organization_id: Option<&str>) {
         self.metrics.invalidations.inc();
         self.cache.invalidate(id);
+        self.changes.key_changed(id, organization_id);
+    }
+
+    /// The changes this process hears of, for `WatchKeyChanges`.
+    pub fn changes(&self) -> &Arc<ChangeFeed> {
+        &self.changes
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -490,8 +505,8 @@ impl Verifier {
 }
 
 impl ChangeSink for Verifier {
-    fn key_changed(&self, id: &str) {
-        self.invalidate(id);
+    fn key_changed(&self, id: &str, organization_id: Option<&str>) {
+        self.forget(id, organization_id);
     }
 
     /// The listener reconnected, which proves the store answers: close the
@@ -503,11 +518,13 @@ impl ChangeSink for Verifier {
         self.cache.mark_all_for_reread();
         self.metrics.change_notices_flowing.set(1);
         self.cache.set_notices_flowing(true);
+        self.changes.resync();
     }
 
     fn notices_lost(&self) {
         self.metrics.change_notices_flowing.set(0);
         self.cache.set_notices_flowing(false);
+        self.changes.lost();
     }
 }
 

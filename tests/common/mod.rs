@@ -137,7 +137,7 @@ pub struct TestApp {
 /// (verifies) and billing (plans) would.
 impl TestApp {
     /// Creates a key named `cursor-dev` in `org` as the dashboard acting for
-    /// `actor` (`scopes`: `None` is the workspace preset); returns it and its secret.
+    /// `actor` (`scopes` as CreateKey takes them: `None` is refused); returns it and its secret.
     pub async fn create_as(&self, org: &str, actor: &str, scopes: Option<Scopes>) -> (pb::ApiKey, String) {
         let req = pb::CreateKeyRequest {
             organization_id: org.into(),

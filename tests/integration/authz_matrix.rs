@@ -62,7 +62,7 @@ fn required_scope(rpc: &str) -> Option<&'static str> {
     })
 }
 
-const RPCS: [&str; 15] = [
+const RPCS: [&str; 16] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -78,6 +78,7 @@ const RPCS: [&str; 15] = [
     "UpdateKey",
     "RollKey",
     "ReportLeakedKeys",
+    "WatchKeyChanges",
 ];
 
 /// The expected outcome of one cell.
@@ -91,7 +92,9 @@ fn expected(rpc: &str, who: Who) -> Code {
         | Who::ExpiredKey => Code::Unauthenticated,
         Who::ServiceToken => Code::Ok,
         _ if rpc == "ListScopes" => Code::Ok,
-        _ if matches!(rpc, "VerifyKey" | "SetOrganizationPlan" | "ReportLeakedKeys") => Code::PermissionDenied,
+        _ if matches!(rpc, "VerifyKey" | "SetOrganizationPlan" | "ReportLeakedKeys" | "WatchKeyChanges") => {
+            Code::PermissionDenied
+        }
         Who::KeyLackingScope | Who::KeyLackingOnlyTheRequiredScope => Code::PermissionDenied,
         // Managing a key another member created needs `api_keys.manage_all`.
         Who::OtherMemberWithoutManageAll
@@ -310,6 +313,10 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> (Code, S
                 callers,
             ))
             .await,
+        ),
+        // The stream is opened and dropped: only the opening is authorized.
+        "WatchKeyChanges" => code(
+            c.watch_key_changes(request!(pb::WatchKeyChangesRequest { organization_id: None }, who, callers)).await,
         ),
         "ExportAuditEvents" => {
             let req =

@@ -12,11 +12,15 @@ mod authz_matrix;
 #[cfg(feature = "client")]
 mod client_layer;
 mod faults;
+mod gateways;
 mod github_scanning;
 mod hostile;
+mod key_changes;
+mod nginx;
 mod operations;
 mod proptest_keys;
 mod security;
 mod store_conformance;
 mod tls;
 mod verify_cache;
+mod wire;
