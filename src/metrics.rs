@@ -92,6 +92,10 @@ pub struct Metrics {
     pub change_notices_flowing: Gauge,
     /// Open `WatchKeyChanges` streams.
     pub change_subscribers: Gauge,
+    /// 1 while the primary answers the health probe.
+    pub store_primary_up: Gauge,
+    /// 1 while the standby (`DATABASE_READ_URL`) answers; 0 also without one.
+    pub store_standby_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -151,6 +155,8 @@ impl Default for Metrics {
             db_pool_idle: Gauge::default(),
             change_notices_flowing: Gauge::default(),
             change_subscribers: Gauge::default(),
+            store_primary_up: Gauge::default(),
+            store_standby_up: Gauge::default(),
             registry: Registry::default(),
         };
         let counters: [(&str, &str, &Counter); 17] = [
@@ -183,7 +189,7 @@ impl Default for Metrics {
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
         }
-        let gauges: [(&str, &str, &Gauge); 7] = [
+        let gauges: [(&str, &str, &Gauge); 9] = [
             ("cache_entries", "Verified keys in the cache", &m.cache_entries),
             ("argon2_queue_depth", "Argon2 jobs queued or running", &m.argon2_queue_depth),
             ("usage_pending_keys", "Keys with usage counts not yet written", &m.usage_pending_keys),
@@ -191,6 +197,12 @@ impl Default for Metrics {
             ("db_pool_idle", "Database connections idle", &m.db_pool_idle),
             ("change_notices_flowing", "1 while change notices from the store arrive", &m.change_notices_flowing),
             ("change_subscribers", "Open WatchKeyChanges streams", &m.change_subscribers),
+            ("store_primary_up", "1 while the primary database answers the health probe", &m.store_primary_up),
+            (
+                "store_standby_up",
+                "1 while the standby (DATABASE_READ_URL) answers the health probe; 0 also without one",
+                &m.store_standby_up,
+            ),
         ];
         for (name, help, g) in gauges {
             registry.register(name, help, g.clone());
@@ -208,6 +220,7 @@ impl Default for Metrics {
         // Like the cache, start by assuming notices flow: the cache is empty,
         // and the listener's first connect empties it again anyway.
         m.change_notices_flowing.set(1);
+        m.store_primary_up.set(1);
         Self { registry, ..m }
     }
 }

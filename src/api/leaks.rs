@@ -64,7 +64,9 @@ impl LeakIntake {
                     return Ok::<_, Error>(None);
                 };
                 if self.store.record_leak(&key.id, &leak.source_url, &leak.source, self.action, audit).await? {
-                    self.verifier.invalidate(&key.id, &key.organization_id);
+                    // The record's new version is not returned: a floor of now
+                    // is at least as new (reads of it then go to the primary).
+                    self.verifier.invalidate(&key.id, &key.organization_id, chrono::Utc::now());
                     tracing::warn!(key_id = %key.id, action = self.action.as_str(), "leaked key reported");
                 }
                 Ok(Some(key))

@@ -175,7 +175,7 @@ impl KeysService {
             .set_status(&r.id, status, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", r.id)))?;
-        self.verifier.invalidate(&key.id, &key.organization_id);
+        self.verifier.invalidate(&key.id, &key.organization_id, key.updated_at);
         tracing::info!(key_id = %key.id, status = key.status.as_str(), "key status set");
         Ok(key.into())
     }
@@ -234,7 +234,7 @@ impl KeysService {
             .update_key(&target.id, &update, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", target.id)))?;
-        self.verifier.invalidate(&key.id, &key.organization_id);
+        self.verifier.invalidate(&key.id, &key.organization_id, key.updated_at);
         tracing::info!(key_id = %key.id, fields = ?update.fields(), "key updated");
         Ok(key.into())
     }
@@ -250,7 +250,7 @@ impl KeysService {
         let (key, secret, previous) = roll_key(&*self.store, &self.hasher, &old, grace, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {} not found", old.id)))?;
-        self.verifier.invalidate(&previous.id, &previous.organization_id);
+        self.verifier.invalidate(&previous.id, &previous.organization_id, previous.updated_at);
         spans::record("key_id", &key.id);
         tracing::info!(key_id = %key.id, previous = %previous.id, "key rolled");
         Ok(pb::RollKeyResponse {
@@ -292,7 +292,7 @@ impl KeysService {
             .revoke_key(id, &caller.audit())
             .await?
             .ok_or_else(|| Error::not_found(format!("key {id} not found")))?;
-        self.verifier.invalidate(&key.id, &key.organization_id);
+        self.verifier.invalidate(&key.id, &key.organization_id, key.updated_at);
         tracing::info!(key_id = %key.id, "key revoked");
         Ok(key.into())
     }
@@ -304,7 +304,7 @@ impl KeysService {
         if !self.store.delete_key(id, &caller.audit()).await? {
             return Err(Error::not_found(format!("key {id} not found")));
         }
-        self.verifier.invalidate(id, &target.organization_id);
+        self.verifier.invalidate(id, &target.organization_id, Utc::now());
         tracing::info!(key_id = %id, "key deleted");
         Ok(pb::DeleteKeyResponse {})
     }

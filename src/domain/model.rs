@@ -132,6 +132,10 @@ pub struct ApiKey {
     /// The key this one replaced, and the one that replaced it (RollKey).
     pub rotated_from: Option<String>,
     pub rotated_to: Option<String>,
+    /// When the record last changed (usage counts aside): its version. A
+    /// change notice carries it, so a read from a lagging standby can tell
+    /// an older record from the announced one.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A key's metadata: labels sorted by name.
@@ -157,6 +161,7 @@ impl ApiKey {
             metadata: Default::default(),
             rotated_from: None,
             rotated_to: None,
+            updated_at: Utc::now(),
         }
     }
 

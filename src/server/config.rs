@@ -36,7 +36,7 @@ pub enum Command {
     /// Run the gRPC server (the default).
     Serve(Box<ServeArgs>),
     /// Write a first organization-preset key straight to the store and print it once.
-    Bootstrap(BootstrapArgs),
+    Bootstrap(Box<BootstrapArgs>),
     /// Exit 0 when the server at `--addr` reports SERVING (for container health checks).
     Health(HealthArgs),
     /// Bring the database schema up to date and exit (`serve` also does this at start).
@@ -65,6 +65,17 @@ pub struct StoreArgs {
     /// Where keys live: postgres://… in production, sqlite://… for the embedded default.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true, hide_default_value = false)]
     pub database_url: SecretString,
+
+    /// A hot standby of DATABASE_URL's primary (PostgreSQL only): the verification path's
+    /// reads (cache misses and refreshes) go to it; management, writes and the change
+    /// listener stay on the primary. Reads it cannot be trusted with go to the primary.
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true)]
+    pub database_read_url: Option<SecretString>,
+
+    /// Where the change listener connects (PostgreSQL only), when DATABASE_URL goes through a
+    /// pooler that cannot hold a LISTEN (PgBouncer in transaction mode): the primary directly.
+    #[arg(long, env = "DATABASE_LISTEN_URL", hide_env_values = true)]
+    pub database_listen_url: Option<SecretString>,
 
     /// Server-side pepper (argon2's secret input), at least 16 bytes. Required on PostgreSQL;
     /// the embedded default generates one beside its database file when unset.
@@ -119,6 +130,8 @@ impl StoreArgs {
             max_connections: self.db_max_connections.max(1),
             acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
             statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+            read_url: self.database_read_url.clone(),
+            listen_url: self.database_listen_url.clone(),
         }
     }
 }

@@ -2,8 +2,16 @@
 //! SERVING only while it answers, so readiness probes take a replica out of
 //! rotation during an outage (liveness stays TCP: an outage must not restart
 //! every pod).
+//!
+//! With a standby (`DATABASE_READ_URL`), a replica whose primary is down but
+//! whose standby answers stays SERVING: it still verifies keys, which is
+//! what its callers need during a failover, and management calls answer
+//! UNAVAILABLE on their own. The degradation shows in the metrics
+//! (`store_primary_up` 0) and in one log line per transition.
 
-use crate::{api::service::KeysService, proto::pb::api_key_service_server::ApiKeyServiceServer, store::Store};
+use crate::{
+    api::service::KeysService, metrics::Metrics, proto::pb::api_key_service_server::ApiKeyServiceServer, store::Store,
+};
 use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 
@@ -19,20 +27,47 @@ pub(crate) async fn set_health(health: &tonic_health::server::HealthReporter, se
     health.set_service_status(<ApiKeyServiceServer<KeysService> as tonic::server::NamedService>::NAME, status).await;
 }
 
-/// Keeps health true to the store: SERVING only while it answers.
+/// Keeps health true to the store: SERVING while the primary answers, or
+/// while the standby does (verification still works).
 pub(crate) async fn probe_health(
     store: Arc<dyn Store>,
     health: tonic_health::server::HealthReporter,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
-    let mut serving = true;
+    let (mut serving, mut primary_was, mut standby_was) = (true, true, Some(true));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let ok = tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping()).await.is_ok_and(|r| r.is_ok());
+        let answers = |r: Result<crate::Result<()>, _>| r.is_ok_and(|r: crate::Result<()>| r.is_ok());
+        let primary = answers(tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping()).await);
+        let standby = match tokio::time::timeout(HEALTH_PROBE_INTERVAL, store.ping_standby()).await {
+            Ok(None) => None,
+            Ok(Some(r)) => Some(r.is_ok()),
+            Err(_) => Some(false),
+        };
+        metrics.store_primary_up.set(i64::from(primary));
+        metrics.store_standby_up.set(i64::from(standby == Some(true)));
+        if primary != primary_was && standby.is_some() {
+            if primary {
+                tracing::info!("primary answers again");
+            } else {
+                tracing::warn!(
+                    standby_up = standby == Some(true),
+                    "primary does not answer: management calls are UNAVAILABLE; verification reads go to the standby"
+                );
+            }
+        }
+        if standby != standby_was && standby == Some(false) {
+            tracing::warn!("standby does not answer: verification reads go to the primary");
+        } else if standby != standby_was && standby == Some(true) {
+            tracing::info!("standby answers again");
+        }
+        (primary_was, standby_was) = (primary, standby);
+        let ok = primary || standby == Some(true);
         if ok != serving {
             serving = ok;
             if ok {

@@ -232,7 +232,8 @@ impl Application {
         health::set_health(&health, true).await;
         // The prober stops when shutdown begins, so it cannot turn health back to SERVING.
         let (prober_stop, prober_rx) = watch::channel(false);
-        let prober = tokio::spawn(health::probe_health(self.store.clone(), health.clone(), prober_rx));
+        let prober =
+            tokio::spawn(health::probe_health(self.store.clone(), health.clone(), self.metrics.clone(), prober_rx));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -21,6 +21,7 @@
 
 mod postgres;
 mod sqlite;
+mod standby;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -30,6 +31,7 @@ use crate::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, KeyStats, KeyStatus, KeyUpdate, LeakAction,
         ListFilter, Metadata, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
+    domain::secret::SecretString,
     error::{Error, Result},
 };
 use async_trait::async_trait;
@@ -54,6 +56,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// The key with its hash, for verification only.
     async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>>;
+
+    /// The verification path's read of a key and its hash (a cache miss):
+    /// from the standby when one is configured and can be trusted with it,
+    /// else from the primary. `floor`: the newest version (`updated_at`) a
+    /// change notice announced for the key; an older record is never returned.
+    async fn verification_read(&self, id: &str, floor: Option<DateTime<Utc>>) -> Result<Option<(ApiKey, StoredHash)>> {
+        let _ = floor;
+        self.get_key_with_hash(id).await
+    }
+
+    /// The verification path's re-read of a cached key's record (a refresh),
+    /// on the same terms as [`Store::verification_read`].
+    async fn verification_reread(&self, id: &str, floor: Option<DateTime<Utc>>) -> Result<Option<ApiKey>> {
+        let _ = floor;
+        self.get_key(id).await
+    }
+
+    /// `None` without a standby; else whether it answers a round trip.
+    async fn ping_standby(&self) -> Option<Result<()>> {
+        None
+    }
 
     /// Replaces key `id`'s stored hash with `new` if it is still `old` (a
     /// rehash with current parameters; a concurrent one by another replica
@@ -154,8 +177,10 @@ pub struct PoolStats {
 /// Receives change notices from [`Store::watch_changes`].
 pub trait ChangeSink: Send + Sync {
     /// Key `id` (of `organization_id`, when the notice says) changed
-    /// somewhere: forget what is known about it.
-    fn key_changed(&self, id: &str, organization_id: Option<&str>);
+    /// somewhere, its record now at `version` (its `updated_at`) when the
+    /// notice says: forget what is known about it, and never trust an older
+    /// record of it again.
+    fn key_changed(&self, id: &str, organization_id: Option<&str>, version: Option<DateTime<Utc>>);
     /// Notices flow again after a gap: anything may have changed meanwhile.
     fn resync(&self);
     /// Notices stopped flowing: nothing cached can be trusted without a re-read.
@@ -170,11 +195,23 @@ pub struct StoreOptions {
     /// Server-side statement timeout (PostgreSQL), so a hung query frees its
     /// connection instead of piling requests up behind it.
     pub statement_timeout: Duration,
+    /// `DATABASE_READ_URL`: a hot standby for the verification path's reads
+    /// (PostgreSQL only).
+    pub read_url: Option<SecretString>,
+    /// `DATABASE_LISTEN_URL`: where the change listener connects, when the
+    /// primary's URL goes through a pooler that cannot hold a LISTEN.
+    pub listen_url: Option<SecretString>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { max_connections: 16, acquire_timeout: Duration::from_secs(5), statement_timeout: Duration::from_secs(5) }
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+            read_url: None,
+            listen_url: None,
+        }
     }
 }
 
@@ -183,6 +220,10 @@ pub async fn connect(dsn: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
     let scheme = dsn.split_once(':').map(|(s, _)| s).unwrap_or_default();
     match scheme {
         "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::connect(dsn, opts).await?)),
+        "sqlite" if opts.read_url.is_some() || opts.listen_url.is_some() => Err(Error::invalid(
+            "DATABASE_READ_URL and DATABASE_LISTEN_URL are for PostgreSQL: the embedded SQLite store has no standby \
+             and no change listener",
+        )),
         "sqlite" => Ok(Arc::new(SqliteStore::connect(dsn, opts).await?)),
         _ => Err(Error::invalid(
             "DATABASE_URL must start with postgres:// or sqlite:// (the DSN itself is not shown, it may hold a password)",

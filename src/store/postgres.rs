@@ -3,13 +3,14 @@
 use super::{
     AuditColumns, AuditRecord, ChangeSink, PoolStats, Store, StoreOptions, check_key_limit, created_action,
     ensure_can_roll, ensure_not_revoked, leak_outcome, merge_usage, metadata_from, metadata_json, plan_from, roll_end,
-    stored,
+    standby::Standby, stored,
 };
 use crate::{
     domain::model::{
         ApiKey, AuditAction, AuditContext, AuditEvent, AuditFilter, Cursor, Environment, KeyStats, KeyStatus,
         KeyUpdate, LeakAction, ListFilter, NewKey, Organization, Plan, StoredHash, UsageDelta,
     },
+    domain::secret::SecretString,
     error::{Error, Result},
 };
 use async_trait::async_trait;
@@ -28,13 +29,23 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 macro_rules! key_columns {
     () => {
         "id, organization_id, name, prefix, status, scopes, created_by, \
-         created_at, last_used_at, expires_at, environment, metadata, rotated_from, rotated_to"
+         created_at, last_used_at, expires_at, environment, metadata, rotated_from, rotated_to, updated_at"
     };
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// `DATABASE_READ_URL`, for the verification path's reads.
+    standby: Option<Arc<Standby>>,
+    /// `DATABASE_LISTEN_URL`, for the change listener.
+    listen_url: Option<SecretString>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("standby", &self.standby.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl PostgresStore {
@@ -51,7 +62,23 @@ impl PostgresStore {
         // sqlx holds a PostgreSQL advisory lock while migrating, so replicas
         // starting together on an empty database migrate exactly once.
         MIGRATOR.run(&pool).await.map_err(Error::internal)?;
-        Ok(Self { pool })
+        let standby = match &opts.read_url {
+            None => None,
+            Some(url) => {
+                let conn = PgConnectOptions::from_str(url.expose())
+                    .map_err(|_| Error::invalid("DATABASE_READ_URL is not a valid postgres:// URL"))?
+                    .application_name("takumo-keys-reads")
+                    .options([("statement_timeout", format!("{}", opts.statement_timeout.as_millis()))]);
+                // Lazy: a standby that is down at startup must not stop the
+                // replica, whose reads then go to the primary.
+                let reads = PgPoolOptions::new()
+                    .max_connections(opts.max_connections)
+                    .acquire_timeout(opts.acquire_timeout.min(STANDBY_ACQUIRE_TIMEOUT))
+                    .connect_lazy_with(conn);
+                Some(Arc::new(Standby::new(reads, primary_wal_position(&pool).await)))
+            }
+        };
+        Ok(Self { pool, standby, listen_url: opts.listen_url.clone() })
     }
 }
 
@@ -72,6 +99,7 @@ struct KeyRow {
     metadata: String,
     rotated_from: Option<String>,
     rotated_to: Option<String>,
+    updated_at: DateTime<Utc>,
 }
 
 /// An audit row: the shared text columns plus this backend's id and time.
@@ -100,6 +128,7 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey> {
         metadata: metadata_from(&r.metadata)?,
         rotated_from: r.rotated_from,
         rotated_to: r.rotated_to,
+        updated_at: r.updated_at,
     })
 }
 
@@ -155,6 +184,24 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn verification_read(&self, id: &str, floor: Option<DateTime<Utc>>) -> Result<Option<(ApiKey, StoredHash)>> {
+        match self.trusted_standby_read(id, floor).await {
+            Some(found) => Ok(Some(found)),
+            None => self.get_key_with_hash(id).await,
+        }
+    }
+
+    async fn verification_reread(&self, id: &str, floor: Option<DateTime<Utc>>) -> Result<Option<ApiKey>> {
+        match self.trusted_standby_read(id, floor).await {
+            Some((key, _)) => Ok(Some(key)),
+            None => self.get_key(id).await,
+        }
+    }
+
+    async fn ping_standby(&self) -> Option<Result<()>> {
+        Some(self.standby.as_ref()?.ping().await)
     }
 
     async fn get_key_with_hash(&self, id: &str) -> Result<Option<(ApiKey, StoredHash)>> {
@@ -233,7 +280,7 @@ impl Store for PostgresStore {
         let record =
             AuditRecord::for_key(AuditAction::KeyStatusChanged, &key, Some(before.status), Some(status), audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, &key).await?;
+        notify_change(&mut tx, &key, key.updated_at).await?;
         tx.commit().await?;
         Ok(Some(key))
     }
@@ -260,7 +307,7 @@ impl Store for PostgresStore {
         let key = key_from_row(&row)?;
         let record = AuditRecord::for_update(&key, update, audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, &key).await?;
+        notify_change(&mut tx, &key, key.updated_at).await?;
         tx.commit().await?;
         Ok(Some(key))
     }
@@ -296,7 +343,7 @@ impl Store for PostgresStore {
         let previous = key_from_row(&row)?;
         let record = AuditRecord::for_roll(&created, &previous, audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, &previous).await?;
+        notify_change(&mut tx, &previous, previous.updated_at).await?;
         tx.commit().await?;
         Ok(Some((created, previous)))
     }
@@ -343,7 +390,7 @@ impl Store for PostgresStore {
         let record = AuditRecord::for_leak(&key, before.status, source_url, source, done, audit);
         append_audit(&mut tx, &record).await?;
         if status.is_some() {
-            notify_change(&mut tx, &key).await?;
+            notify_change(&mut tx, &key, key.updated_at).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -366,7 +413,7 @@ impl Store for PostgresStore {
         let record =
             AuditRecord::for_key(AuditAction::KeyRevoked, &key, Some(before.status), Some(KeyStatus::Revoked), audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, &key).await?;
+        notify_change(&mut tx, &key, key.updated_at).await?;
         tx.commit().await?;
         Ok(Some(key))
     }
@@ -379,7 +426,7 @@ impl Store for PostgresStore {
         sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(id).execute(&mut *tx).await?;
         let record = AuditRecord::for_key(AuditAction::KeyDeleted, &before, Some(before.status), None, audit);
         append_audit(&mut tx, &record).await?;
-        notify_change(&mut tx, &before).await?;
+        notify_change(&mut tx, &before, Utc::now()).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -521,7 +568,10 @@ impl Store for PostgresStore {
         let mut backoff = LISTEN_BACKOFF_MIN;
         loop {
             let connect = async {
-                let mut l = PgListener::connect_with(&self.pool).await?;
+                let mut l = match &self.listen_url {
+                    Some(url) => PgListener::connect(url.expose()).await?,
+                    None => PgListener::connect_with(&self.pool).await?,
+                };
                 // Report a lost connection at once instead of reconnecting
                 // inside try_recv: the gap must reach the cache right away.
                 l.eager_reconnect(false);
@@ -547,6 +597,7 @@ impl Store for PostgresStore {
             };
             // Listening again: whatever changed during the gap was missed.
             backoff = LISTEN_BACKOFF_MIN;
+            self.reset_barrier().await;
             sink.resync();
             tracing::info!("change listener connected");
             loop {
@@ -554,8 +605,8 @@ impl Store for PostgresStore {
                     _ = stop.wait_for(|s| *s) => return,
                     r = listener.try_recv() => match r {
                         Ok(Some(n)) => {
-                            let (id, organization_id) = parse_notice(n.payload());
-                            sink.key_changed(id, organization_id);
+                            let (id, organization_id, version) = parse_notice(n.payload());
+                            sink.key_changed(id, organization_id, version);
                         }
                         Ok(None) => {
                             tracing::warn!("change listener connection lost");
@@ -574,17 +625,76 @@ impl Store for PostgresStore {
     }
 }
 
-/// Channel of key-change notices; the payload is `<key id> <organization id>`
-/// (neither holds whitespace). Versions before `WatchKeyChanges` sent the key
-/// id alone, which is still understood.
+/// The standby is a fallback's fallback: waiting long on it would only
+/// delay the read from the primary.
+const STANDBY_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The primary's current WAL position, or `None` if it cannot say.
+async fn primary_wal_position(pool: &PgPool) -> Option<String> {
+    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(pool).await.ok()
+}
+
+/// A key and its hash from the standby, if it has replayed the primary up to
+/// `barrier` (a primary in its place counts as caught up: after a failover
+/// the promoted standby is the newest copy there is). `(false, _)`: not
+/// caught up; `(true, None)`: no such key there.
+async fn standby_read(pool: PgPool, id: String, barrier: String) -> Result<(bool, Option<(ApiKey, StoredHash)>)> {
+    let row = sqlx::query(concat!(
+        "SELECT coalesce(pg_last_wal_replay_lsn() >= $2::pg_lsn, true) AS caught_up, ",
+        key_columns!(),
+        ", secret_hash, pepper_id FROM (SELECT 1) AS one LEFT JOIN api_keys ON api_keys.id = $1"
+    ))
+    .bind(&id)
+    .bind(&barrier)
+    .fetch_one(&pool)
+    .await?;
+    let caught_up: bool = row.try_get("caught_up")?;
+    let present: Option<String> = row.try_get("id")?;
+    if !caught_up || present.is_none() {
+        return Ok((caught_up, None));
+    }
+    let stored = StoredHash { phc: row.try_get("secret_hash")?, pepper_id: row.try_get("pepper_id")? };
+    Ok((true, Some((key_from_row(&row)?, stored))))
+}
+
+impl PostgresStore {
+    /// The verification read from the standby when it can be trusted with
+    /// it: caught up to the barrier, has the key (else it may be too new for
+    /// the standby), and not older than `floor`. `None`: ask the primary.
+    async fn trusted_standby_read(&self, id: &str, floor: Option<DateTime<Utc>>) -> Option<(ApiKey, StoredHash)> {
+        let standby = self.standby.as_ref()?;
+        let barrier = standby.barrier()?;
+        match standby.read(|pool| standby_read(pool, id.to_owned(), barrier)).await {
+            Some((true, Some(found))) if floor.is_none_or(|f| found.0.updated_at >= f) => Some(found),
+            _ => None,
+        }
+    }
+
+    /// After the listener (re)connects: the changes of the gap reach no
+    /// cache by notice, so the standby is trusted only once it has replayed
+    /// as far as the primary is now.
+    async fn reset_barrier(&self) {
+        if let Some(standby) = &self.standby {
+            standby.set_barrier(primary_wal_position(&self.pool).await);
+        }
+    }
+}
+
+/// Channel of key-change notices; the payload is `<key id> <organization id>
+/// <version>` (no part holds whitespace; the version is the changed record's
+/// `updated_at` in microseconds, the time of the change for a deletion).
+/// Earlier versions sent the key id alone, or id and organization, which are
+/// still understood.
 pub const CHANGE_CHANNEL: &str = "takumo_keys_changed";
 
-/// The key id and, when named, the organization of a change notice.
-fn parse_notice(payload: &str) -> (&str, Option<&str>) {
-    match payload.split_once(' ') {
-        Some((id, org)) => (id, Some(org)),
-        None => (payload, None),
-    }
+/// What a change notice names: the key id, and where given its organization
+/// and the version of the record after the change.
+fn parse_notice(payload: &str) -> (&str, Option<&str>, Option<DateTime<Utc>>) {
+    let mut parts = payload.split(' ');
+    let id = parts.next().unwrap_or_default();
+    let organization = parts.next();
+    let version = parts.next().and_then(|v| v.parse().ok()).and_then(DateTime::from_timestamp_micros);
+    (id, organization, version)
 }
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -678,10 +788,10 @@ async fn append_audit(tx: &mut sqlx::PgConnection, r: &AuditRecord<'_>) -> Resul
 
 /// Queues a change notice in `tx`: PostgreSQL delivers it on commit only,
 /// so replicas hear of exactly the changes that happened.
-async fn notify_change(tx: &mut sqlx::PgConnection, key: &ApiKey) -> Result<()> {
+async fn notify_change(tx: &mut sqlx::PgConnection, key: &ApiKey, version: DateTime<Utc>) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANGE_CHANNEL)
-        .bind(format!("{} {}", key.id, key.organization_id))
+        .bind(format!("{} {} {}", key.id, key.organization_id, version.timestamp_micros()))
         .execute(tx)
         .await?;
     Ok(())

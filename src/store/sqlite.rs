@@ -28,7 +28,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 macro_rules! key_columns {
     () => {
         "id, organization_id, name, prefix, status, scopes, created_by, \
-         created_at, last_used_at, expires_at, environment, metadata, rotated_from, rotated_to"
+         created_at, last_used_at, expires_at, environment, metadata, rotated_from, rotated_to, updated_at"
     };
 }
 
@@ -154,6 +154,7 @@ struct KeyRow {
     metadata: String,
     rotated_from: Option<String>,
     rotated_to: Option<String>,
+    updated_at: i64,
 }
 
 /// An audit row: the shared text columns plus this backend's id and time.
@@ -182,6 +183,7 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey> {
         metadata: metadata_from(&r.metadata)?,
         rotated_from: r.rotated_from,
         rotated_to: r.rotated_to,
+        updated_at: from_micros(r.updated_at)?,
     })
 }
 

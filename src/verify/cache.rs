@@ -23,6 +23,7 @@
 //! never turns a warm cache cold.
 
 use crate::domain::model::{ApiKey, StoredHash};
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use moka::sync::Cache;
 use rand::{TryRngCore, rngs::OsRng};
@@ -36,6 +37,9 @@ use std::{
 };
 
 pub type Fingerprint = [u8; 32];
+
+/// How long an announced version is remembered (see `VerifyCache::floors`).
+const FLOOR_TTL: Duration = Duration::from_secs(600);
 
 /// Stripes of per-key epochs: enough that unrelated keys rarely share one.
 const EPOCH_STRIPES: usize = 1024;
@@ -107,6 +111,10 @@ pub struct VerifyCache {
     /// Key id → fingerprint of its positive entry, for invalidation by id.
     by_id: Cache<Arc<str>, Fingerprint>,
     negative: Cache<Fingerprint, ()>,
+    /// Key id → the newest version (`updated_at`) a change notice announced:
+    /// reads of an older record (a lagging standby's) are not trusted. Kept
+    /// far longer than any replication lag worth serving reads from.
+    floors: Cache<Arc<str>, DateTime<Utc>>,
     /// Bumped by `mark_all_for_reread`.
     global_epoch: AtomicU64,
     /// Bumped by invalidations, one counter per stripe of key ids.
@@ -128,6 +136,7 @@ impl VerifyCache {
             positive: Cache::builder().max_capacity(capacity).build(),
             by_id: Cache::builder().max_capacity(capacity).build(),
             negative: Cache::builder().max_capacity(capacity).time_to_live(settings.negative_ttl).build(),
+            floors: Cache::builder().max_capacity(capacity).time_to_live(FLOOR_TTL).build(),
             global_epoch: AtomicU64::new(0),
             stripes: (0..EPOCH_STRIPES).map(|_| AtomicU64::new(0)).collect(),
             notices_flowing: AtomicBool::new(true),
@@ -155,6 +164,18 @@ impl VerifyCache {
             || !self.notices_flowing.load(Ordering::Acquire)
             || e.global_epoch != self.global_epoch.load(Ordering::Acquire)
             || e.fetched_at.elapsed() > self.settings.freshness
+    }
+
+    /// Remembers that key `id`'s record is at `version` or newer.
+    pub fn raise_floor(&self, id: &str, version: DateTime<Utc>) {
+        let id: Arc<str> = Arc::from(id);
+        let newest = self.floors.get(&id).map_or(version, |v| v.max(version));
+        self.floors.insert(id, newest);
+    }
+
+    /// The newest version announced for key `id`, if any.
+    pub fn floor(&self, id: &str) -> Option<DateTime<Utc>> {
+        self.floors.get(id)
     }
 
     pub fn is_negative(&self, fp: &Fingerprint) -> bool {

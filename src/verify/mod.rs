@@ -384,7 +384,8 @@ impl Verifier {
                 record
             }
             None => {
-                let record = self.store_call(self.store.get_key_with_hash(parsed.id)).await?.map(Arc::new);
+                let floor = self.cache.floor(parsed.id);
+                let record = self.store_call(self.store.verification_read(parsed.id, floor)).await?.map(Arc::new);
                 self.cache.insert_record(parsed.id, record.clone(), epoch);
                 record
             }
@@ -440,7 +441,8 @@ impl Verifier {
     async fn refresh(&self, fp: Fingerprint, entry: Entry) -> Result<Option<(Arc<ApiKey>, bool)>> {
         self.metrics.cache_refreshes.inc();
         let epoch = self.cache.epoch(&entry.key.id);
-        match self.store_call(self.store.get_key(&entry.key.id)).await {
+        let floor = self.cache.floor(&entry.key.id);
+        match self.store_call(self.store.verification_reread(&entry.key.id, floor)).await {
             Ok(Some(k)) => {
                 let k = Arc::new(k);
                 self.cache.insert(fp, k.clone(), epoch);
@@ -483,13 +485,19 @@ impl Verifier {
     }
 
     /// Drops what this process cached about key `id` after a change made
-    /// here, and tells this process's change subscribers.
-    pub fn invalidate(&self, id: &str, organization_id: &str) {
-        self.forget(id, Some(organization_id));
+    /// here that left its record at `version` (its `updated_at`; the time of
+    /// the change for a deletion), and tells this process's change subscribers.
+    pub fn invalidate(&self, id: &str, organization_id: &str, version: DateTime<Utc>) {
+        self.forget(id, Some(organization_id), Some(version));
     }
 
-    fn forget(&self, id: &str, organization_id: Option<&str>) {
+    fn forget(&self, id: &str, organization_id: Option<&str>, version: Option<DateTime<Utc>>) {
         self.metrics.invalidations.inc();
+        // The floor first: a read racing this invalidation must already
+        // refuse an older record.
+        if let Some(v) = version {
+            self.cache.raise_floor(id, v);
+        }
         self.cache.invalidate(id);
         self.changes.key_changed(id, organization_id);
     }
@@ -505,8 +513,8 @@ impl Verifier {
 }
 
 impl ChangeSink for Verifier {
-    fn key_changed(&self, id: &str, organization_id: Option<&str>) {
-        self.forget(id, organization_id);
+    fn key_changed(&self, id: &str, organization_id: Option<&str>, version: Option<DateTime<Utc>>) {
+        self.forget(id, organization_id, version);
     }
 
     /// The listener reconnected, which proves the store answers: close the

@@ -62,6 +62,33 @@ impl PgCluster {
         me
     }
 
+    /// A hot standby of `primary`, streaming from it (`pg_basebackup -R`),
+    /// that replays each transaction only `apply_delay` after its commit
+    /// (`recovery_min_apply_delay`), so lag is deterministic.
+    pub fn standby_of(primary: &PgCluster, apply_delay: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("takumo-pg-standby-").tempdir().unwrap();
+        run(
+            {
+                let mut c = Command::new("chmod");
+                c.arg("0777").arg(dir.path());
+                c
+            },
+            "chmod",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let me = Self { dir, bin: primary.bin.clone(), port };
+        let mut base = as_postgres(&me.bin, "pg_basebackup");
+        base.args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "-D"])
+            .arg(me.data());
+        run(base, "pg_basebackup");
+        let conf = me.data().join("postgresql.auto.conf");
+        let mut auto = std::fs::read_to_string(&conf).unwrap();
+        auto.push_str(&format!("hot_standby = on\nrecovery_min_apply_delay = '{apply_delay}'\n"));
+        std::fs::write(&conf, auto).unwrap();
+        me.pg_ctl_start();
+        me
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }

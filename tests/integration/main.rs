@@ -20,6 +20,7 @@ mod nginx;
 mod operations;
 mod proptest_keys;
 mod security;
+mod standby;
 mod store_conformance;
 mod tls;
 mod verify_cache;

@@ -1,0 +1,177 @@
+//! Verification reads from a PostgreSQL hot standby (`DATABASE_READ_URL`),
+//! against a real primary and a real streaming standby of the test's own
+//! (`pg_basebackup -R`), whose `recovery_min_apply_delay` makes it lag by a
+//! known 3 s: new keys verify at once anywhere, revoked keys never verify
+//! again anywhere (even where the standby still has the old row), cold keys
+//! verify from the standby with the primary stopped, and everything works
+//! with the standby stopped.
+
+use crate::common::{self, TestApp, TestDb, as_service, cluster::PgCluster};
+use std::{sync::Arc, time::Duration};
+use takumo_keys::{
+    domain::secret::SecretString,
+    proto::pb::{self, create_key_request::Scopes},
+};
+use tonic::Code;
+
+const APPLY_DELAY: &str = "3s";
+
+struct Pair {
+    // Dropped standby first: it streams from the primary.
+    standby: PgCluster,
+    primary: PgCluster,
+}
+
+fn pair() -> Pair {
+    let primary = PgCluster::start();
+    let standby = PgCluster::standby_of(&primary, APPLY_DELAY);
+    Pair { standby, primary }
+}
+
+async fn replica(p: &Pair) -> TestApp {
+    let read = p.standby.url("postgres");
+    TestApp::spawn_on(Arc::new(TestDb::external(p.primary.url("postgres"))), move |url| {
+        let mut a = common::serve_args(url);
+        a.store.database_read_url = Some(SecretString::new(read));
+        a.store.db_acquire_timeout_ms = 1_000;
+        a
+    })
+    .await
+}
+
+fn read_only() -> Option<Scopes> {
+    Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))
+}
+
+async fn verify(app: &TestApp, key: &str) -> Result<pb::VerifyKeyResponse, tonic::Status> {
+    let req = pb::VerifyKeyRequest { key: key.into(), ..Default::default() };
+    app.client.clone().verify_key(as_service(req, "gateway")).await.map(|r| r.into_inner())
+}
+
+/// Waits until the standby has replayed key `id`'s row in `status`.
+async fn standby_shows(p: &Pair, id: &str, status: &str) {
+    let pool = sqlx::PgPool::connect(&p.standby.url("postgres")).await.unwrap();
+    common::eventually(30, "the standby replays the change", || {
+        let pool = pool.clone();
+        let (id, status) = (id.to_owned(), status.to_owned());
+        async move {
+            let got: Option<String> = sqlx::query_scalar("SELECT status FROM api_keys WHERE id = $1")
+                .bind(&id)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten();
+            got.as_deref() == Some(status.as_str())
+        }
+    })
+    .await;
+}
+
+async fn standby_status(p: &Pair, id: &str) -> Option<String> {
+    let pool = sqlx::PgPool::connect(&p.standby.url("postgres")).await.unwrap();
+    // Before the standby replays the migrations, there is no table: no row either.
+    sqlx::query_scalar("SELECT status FROM api_keys WHERE id = $1").bind(id).fetch_optional(&pool).await.ok().flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_verifies_at_once_on_another_replica_although_the_standby_has_not_got_it() {
+    let p = pair();
+    let (a, b) = (replica(&p).await, replica(&p).await);
+    let (key, secret) = a.create("acme", read_only()).await;
+    assert_eq!(standby_status(&p, &key.id).await, None, "the standby is not lagging: the test proves nothing");
+    assert!(verify(&b, &secret).await.unwrap().valid, "a key created a moment ago is not found on another replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_never_verifies_again_on_any_replica_while_the_standby_has_the_old_row() {
+    let p = pair();
+    let (a, b) = (replica(&p).await, replica(&p).await);
+    let (key, secret) = a.create("acme", read_only()).await;
+    standby_shows(&p, &key.id, "active").await;
+    assert!(verify(&b, &secret).await.unwrap().valid);
+
+    a.client.clone().revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
+    // B held the key; a replica started now never saw it. Both must refuse it
+    // for as long as the standby still says ACTIVE, and after.
+    let c = replica(&p).await;
+    assert_eq!(standby_status(&p, &key.id).await.as_deref(), Some("active"), "the standby caught up too soon");
+    let mut checks = 0;
+    while standby_status(&p, &key.id).await.as_deref() == Some("active") {
+        for app in [&a, &b, &c] {
+            let r = verify(app, &secret).await.unwrap();
+            assert_eq!(
+                r.code(),
+                pb::VerifyCode::Revoked,
+                "a revoked key verified as {:?} from the lagging standby",
+                r.code()
+            );
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(checks > 0);
+    for app in [&a, &b, &c] {
+        assert_eq!(verify(app, &secret).await.unwrap().code(), pb::VerifyCode::Revoked);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_stopped_a_cold_key_verifies_from_the_standby() {
+    let p = pair();
+    let a = replica(&p).await;
+    let (key, secret) = a.create("acme", read_only()).await;
+    standby_shows(&p, &key.id, "active").await;
+    p.primary.stop();
+    // Never verified on this replica: only the standby can answer.
+    let r = verify(&a, &secret).await.expect("a cold key is answered by the standby");
+    assert!(r.valid, "{r:?}");
+    // Management needs the primary.
+    let e = a
+        .client
+        .clone()
+        .list_keys(as_service(pb::ListKeysRequest { organization_id: "acme".into(), ..Default::default() }, "alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_standby_stopped_everything_still_works() {
+    let p = pair();
+    let a = replica(&p).await;
+    p.standby.stop();
+    let (_, secret) = a.create("acme", read_only()).await;
+    assert!(verify(&a, &secret).await.unwrap().valid, "verification did not fall back to the primary");
+    let (_, second) = a.create("acme", read_only()).await;
+    assert!(verify(&a, &second).await.unwrap().valid);
+}
+
+/// `DATABASE_LISTEN_URL` is where the change listener connects (the primary
+/// directly, past a pooler): its connection is the one that LISTENs, and
+/// changes made through another replica still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_listener_connects_to_database_listen_url() {
+    let primary = PgCluster::start();
+    let listen = format!("{}&application_name=takumo-listener", primary.url("postgres"));
+    let db = Arc::new(TestDb::external(primary.url("postgres")));
+    let a = TestApp::spawn_on(db.clone(), common::serve_args).await;
+    let b = TestApp::spawn_on(db, move |url| {
+        let mut args = common::serve_args(url);
+        args.store.database_listen_url = Some(SecretString::new(listen));
+        args
+    })
+    .await;
+    let admin = sqlx::PgPool::connect(&primary.url("postgres")).await.unwrap();
+    let listening: Vec<String> = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity WHERE query LIKE 'LISTEN%' ORDER BY application_name",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(listening, ["takumo-keys", "takumo-listener"], "B's listener did not use DATABASE_LISTEN_URL");
+
+    let (key, secret) = a.create("acme", read_only()).await;
+    assert!(verify(&b, &secret).await.unwrap().valid);
+    a.client.clone().revoke_key(as_service(pb::RevokeKeyRequest { id: key.id }, "alice")).await.unwrap();
+    b.verifies_eventually(&secret, pb::VerifyCode::Revoked).await;
+}
