@@ -138,19 +138,23 @@ impl VerifyLayerBuilder {
             freshness: freshness.clone(),
             stopped: std::sync::Mutex::new(Some(stopped)),
         });
-        Ok(VerifyLayer {
-            shared: Arc::new(Shared {
-                client: self.client,
-                rules,
-                default,
-                cache,
-                mac,
-                timeout: self.timeout,
-                freshness,
-                watcher,
-                _stop: stop,
-            }),
-        })
+        let shared = Arc::new(Shared {
+            client: self.client,
+            rules,
+            default,
+            cache,
+            mac,
+            timeout: self.timeout,
+            freshness,
+            watcher,
+            _stop: stop,
+        });
+        // Inside a runtime the stream opens now (so `is_watching` can gate
+        // readiness); outside one, on the first request.
+        if let (Some(w), Ok(_)) = (&shared.watcher, tokio::runtime::Handle::try_current()) {
+            w.start();
+        }
+        Ok(VerifyLayer { shared })
     }
 }
 
@@ -205,8 +209,8 @@ struct Shared {
     mac: Hmac<Sha256>,
     timeout: Duration,
     freshness: Arc<Freshness>,
-    /// The change stream, started on the first request (a layer may be built outside a
-    /// runtime); `None` when not watching.
+    /// The change stream, started when the layer is built inside a runtime, else on the first
+    /// request; `None` when not watching.
     watcher: Option<Watcher>,
     /// Dropped with the last clone of the layer: the watcher task then ends.
     _stop: tokio::sync::oneshot::Sender<()>,
