@@ -22,6 +22,13 @@
 #[path = "support/mod.rs"]
 mod support;
 
+// The allocator the server binary uses: the layer's cached check hands the
+// handler an owned `VerifiedKey` (a dozen small allocations), so the
+// allocator is part of its cost. `--system-allocator` is not offered: the
+// figure with glibc's malloc was measured by hand (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use std::{
     convert::Infallible,

@@ -137,6 +137,7 @@ impl VerifyLayerBuilder {
             client: self.client.clone(),
             freshness: freshness.clone(),
             stopped: std::sync::Mutex::new(Some(stopped)),
+            started: std::sync::atomic::AtomicBool::new(false),
         });
         let shared = Arc::new(Shared {
             client: self.client,
@@ -319,12 +320,18 @@ struct Watcher {
     freshness: Arc<Freshness>,
     /// Taken by the task when it starts.
     stopped: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// Set once the task is started: the per-request check is one load.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Watcher {
     /// Starts the watch task once, from inside a runtime.
     fn start(&self) {
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
         let Some(stopped) = self.stopped.lock().ok().and_then(|mut s| s.take()) else { return };
+        self.started.store(true, Ordering::Release);
         tokio::spawn(watch(self.client.clone(), self.freshness.clone(), stopped));
     }
 }
@@ -415,8 +422,8 @@ impl Shared {
         if let Some(w) = &self.watcher {
             w.start();
         }
-        // Only well-formed keys get here (see `bearer_key`); the id is what changes name.
-        let key_id = keys::parse(key).map_or("", |k| k.id);
+        // Only keys `bearer_key` parsed get here; the id is what changes name.
+        let key_id = key.get(keys::ID_RANGE).unwrap_or_default();
         let fp = self.fingerprint(key, scopes);
         if let Some(c) = self.cache.as_ref().and_then(|c| c.get(&fp))
             && self.freshness.usable(&c, key_id)

@@ -14,6 +14,8 @@ pub const SECRET_LEN: usize = 32;
 pub const CHECKSUM_LEN: usize = 6;
 const ENV_PREFIX_LEN: usize = 8; // "tk_live_" / "tk_test_"
 pub const KEY_LEN: usize = ENV_PREFIX_LEN + ID_LEN + SECRET_LEN + CHECKSUM_LEN;
+/// Where the id sits in a key that [`parse`] accepted.
+pub const ID_RANGE: std::ops::Range<usize> = ENV_PREFIX_LEN..ENV_PREFIX_LEN + ID_LEN;
 /// How much of a key is shown in listings: the environment and half the id.
 pub const DISPLAY_PREFIX_LEN: usize = 16;
 
@@ -135,7 +137,7 @@ pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
     }
     Some(ParsedKey {
         environment,
-        id: &key[ENV_PREFIX_LEN..ENV_PREFIX_LEN + ID_LEN],
+        id: &key[ID_RANGE],
         secret: Redacted(&key[ENV_PREFIX_LEN + ID_LEN..KEY_LEN - CHECKSUM_LEN]),
     })
 }

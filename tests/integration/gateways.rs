@@ -101,6 +101,19 @@ async fn keys(app: &TestApp) -> Keys {
     Keys { reader: (reader.id, reader_secret), auditor, disabled, revoked, expired, unknown }
 }
 
+/// The count of one gateway decision in the metrics.
+fn decisions(app: &TestApp, protocol: &str, decision: &str) -> u64 {
+    let want = format!("takumo_keys_gateway_decisions_total{{protocol=\"{protocol}\",decision=\"{decision}\"}} ");
+    app.metrics.encode().lines().find_map(|l| l.strip_prefix(&want)).map_or(0, |v| v.parse().unwrap())
+}
+
+/// Every decision a protocol made in a test, by label.
+fn assert_decisions_counted(app: &TestApp, protocol: &str, labels: &[&str]) {
+    for label in labels {
+        assert!(decisions(app, protocol, label) > 0, "no {protocol} decision {label} counted");
+    }
+}
+
 fn valid_outcomes(app: &TestApp) -> u64 {
     let encoded = app.metrics.encode();
     encoded
@@ -202,6 +215,9 @@ async fn forward_auth_answers_every_row_of_its_contract(b: Backend) {
     app.usage.flush().await.unwrap();
     let stats = app.store.key_stats("acme", chrono::Utc::now()).await.unwrap();
     assert!(stats.api_calls_24h >= 4, "forward-auth calls were not counted as API calls: {stats:?}");
+    let labels = ["proxy_unauthenticated", "allow", "unauthenticated", "forbidden", "bad_request"];
+    assert_decisions_counted(&app, "http", &labels);
+    assert_eq!(decisions(&app, "ext_authz", "allow"), 0, "counted under the wrong protocol");
 }
 
 fn check_request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> CheckRequest {
@@ -314,6 +330,8 @@ async fn ext_authz_answers_every_row_of_its_contract(b: Backend) {
     let e = c.check(with_bearer(bad, SERVICE_TOKEN)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("fleet.raed"), "{}", e.message());
+    let labels = ["proxy_unauthenticated", "allow", "unauthenticated", "forbidden", "bad_request"];
+    assert_decisions_counted(&app, "ext_authz", &labels);
 }
 
 /// With the store down and nothing cached, both protocols say "cannot
@@ -341,6 +359,8 @@ async fn with_the_store_down_gateways_get_503_for_uncached_keys_and_allow_cached
     assert_eq!(authz(&app, "/v1/authz", &[token, ("authorization", &cached_auth)]).await.status, 200);
     let r = check(&mut c, check_request(&[("authorization", &cached_auth)], &[])).await;
     assert_eq!(r.status.unwrap().code, Code::Ok as i32);
+    assert_decisions_counted(&app, "http", &["unavailable"]);
+    assert_decisions_counted(&app, "ext_authz", &["unavailable"]);
 }
 
 /// grpcurl finds ext_authz through reflection, with the message types it needs.
