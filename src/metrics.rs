@@ -100,7 +100,11 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("takumo_keys");
+        // Process metrics keep their standard unprefixed names; ours are
+        // under `takumo_keys_`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("takumo_keys");
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         let rpc_latency = Family::<RpcLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         registry.register("rpc_requests", "gRPC requests handled, by method and status code", rpc_requests.clone());
@@ -221,7 +225,7 @@ impl Default for Metrics {
         // and the listener's first connect empties it again anyway.
         m.change_notices_flowing.set(1);
         m.store_primary_up.set(1);
-        Self { registry, ..m }
+        Self { registry: root, ..m }
     }
 }
 
@@ -248,7 +252,13 @@ impl Metrics {
         self.rpc_latency.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text format (0.0.4) of every metric, for scrapers and
+    /// tools that do not ask for OpenMetrics (`promtool check metrics`, curl).
+    pub fn encode_prometheus_text(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+
+    /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let hits = self.cache_hits.get() as f64;
         let total = hits + self.cache_misses.get() as f64 + self.cache_refreshes.get() as f64;
@@ -258,6 +268,103 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// OpenMetrics text to the Prometheus text format 0.0.4: a counter family's
+/// `# HELP`/`# TYPE` name its `_total` samples (OpenMetrics names the
+/// family without the suffix), and the OpenMetrics-only `# UNIT` and
+/// `# EOF` lines go. Samples are unchanged.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find(|p| line.starts_with(p));
+        match meta {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The standard `process_*` metrics of this process (Linux; nothing
+/// elsewhere), read from `/proc` at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{counter::ConstCounter, gauge::ConstGauge},
+        };
+        let Some(p) = process_stats() else { return Ok(()) };
+        let cpu = ConstCounter::new(p.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let gauges = [
+            ("process_resident_memory_bytes", "Resident memory size in bytes", p.resident_bytes),
+            ("process_start_time_seconds", "Start time of the process since unix epoch in seconds", p.start_time),
+            ("process_open_fds", "Number of open file descriptors", p.open_fds),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: f64,
+    start_time: f64,
+    open_fds: f64,
+}
+
+fn process_stats() -> Option<ProcessStats> {
+    // SAFETY: sysconf has no preconditions.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if ticks <= 0 || page <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command: utime 14, stime 15, starttime 22.
+    let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let field = |i: usize| f.get(i)?.parse::<f64>().ok();
+    let (utime, stime, start) = (field(11)?, field(12)?, field(19)?);
+    let rss_pages: f64 = std::fs::read_to_string("/proc/self/statm").ok()?.split_whitespace().nth(1)?.parse().ok()?;
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as f64).unwrap_or(0.0);
+    Some(ProcessStats {
+        cpu_seconds: (utime + stime) / ticks as f64,
+        resident_bytes: rss_pages * page as f64,
+        start_time: boot + start / ticks as f64,
+        open_fds,
+    })
 }
 
 /// gRPC status code names as gRPC's own Prometheus interceptors spell them.
@@ -292,18 +399,35 @@ pub async fn serve(
     refresh: std::sync::Arc<dyn Fn() + Send + Sync>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use axum::{Router, http::header, routing::get};
+    use axum::{
+        Router,
+        http::{HeaderMap, header},
+        routing::get,
+    };
+    // Content negotiation: OpenMetrics for scrapers that ask for it
+    // (Prometheus does), the Prometheus text format for everyone else.
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: HeaderMap| {
             let metrics = metrics.clone();
             let refresh = refresh.clone();
             async move {
                 refresh();
-                (
-                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    metrics.encode(),
-                )
+                let openmetrics = headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|a| a.contains("application/openmetrics-text"));
+                if openmetrics {
+                    (
+                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        metrics.encode(),
+                    )
+                } else {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        metrics.encode_prometheus_text(),
+                    )
+                }
             }
         }),
     );
@@ -312,5 +436,39 @@ pub async fn serve(
     };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         tracing::error!(error = %e, "metrics endpoint failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_format_names_counter_metadata_by_their_samples_and_drops_openmetrics_lines() {
+        let m = Metrics::default();
+        m.verify_outcome("valid");
+        m.verify_outcome("malformed");
+        let text = m.encode_prometheus_text();
+        assert!(text.contains("# HELP takumo_keys_verify_outcomes_total VerifyKey answers"), "{text}");
+        assert!(text.contains("# TYPE takumo_keys_verify_outcomes_total counter\n"), "{text}");
+        assert!(text.contains("takumo_keys_verify_outcomes_total{code=\"valid\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE takumo_keys_cache_entries gauge\n"), "gauges keep their names: {text}");
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        // One family per metric: every name has one HELP and one TYPE.
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        let mut names: Vec<&str> = helps.iter().map(|l| l.split(' ').nth(2).unwrap()).collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all, "a metric is declared twice");
+        assert!(m.encode().ends_with("# EOF\n"), "OpenMetrics keeps its terminator");
+    }
+
+    #[test]
+    fn the_process_metrics_are_exposed_without_the_prefix() {
+        let text = Metrics::default().encode_prometheus_text();
+        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds"] {
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing: {text}");
+        }
     }
 }
