@@ -439,3 +439,17 @@ pub async fn create_read_only(
     };
     c.create_key(as_service(req, "alice")).await.map(|r| r.into_inner())
 }
+
+/// A peer program a test runs against (nginx, Prometheus), or `None` after
+/// saying how to install it when it is missing, unless `require_var` is
+/// `1` (as `.ci/run` sets it): then a missing peer fails the test.
+pub fn peer_or_skip<T>(found: Option<T>, what: &str, require_var: &str, install: &str) -> Option<T> {
+    if found.is_none() {
+        assert!(
+            std::env::var(require_var).as_deref() != Ok("1"),
+            "{require_var}=1 but {what} is not installed ({install})"
+        );
+        eprintln!("skipped: {what} is not installed; `{install}` (Debian) runs this test");
+    }
+    found
+}

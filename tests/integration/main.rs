@@ -18,6 +18,7 @@ mod hostile;
 mod key_changes;
 mod nginx;
 mod operations;
+mod prometheus;
 mod proptest_keys;
 mod security;
 mod standby;

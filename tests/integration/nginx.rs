@@ -22,15 +22,7 @@ fn nginx_binary() -> Option<PathBuf> {
 
 /// nginx, or `None` (after saying why) when it is not installed and not required.
 fn nginx_or_skip() -> Option<PathBuf> {
-    let found = nginx_binary();
-    if found.is_none() {
-        assert!(
-            std::env::var("TAKUMO_REQUIRE_NGINX").as_deref() != Ok("1"),
-            "TAKUMO_REQUIRE_NGINX=1 but nginx is not installed (apt-get install nginx)"
-        );
-        eprintln!("skipped: nginx is not installed; `apt-get install nginx` (Debian) runs this test");
-    }
-    found
+    common::peer_or_skip(nginx_binary(), "nginx", "TAKUMO_REQUIRE_NGINX", "apt-get install nginx")
 }
 
 /// The `http {}` body under test: the same directives as deploy/README.md's

@@ -44,10 +44,23 @@ async fn metrics_endpoint_exposes_rpc_verify_cache_and_pool_metrics() {
     let _ = c.get_key(as_service(pb::GetKeyRequest { id: "0000000000000000".into() }, "a")).await;
 
     let url = format!("http://{}/metrics", app.metrics_addr.expect("metrics enabled"));
-    let resp = reqwest::get(&url).await.expect("scrape");
+    // Content negotiation: OpenMetrics when asked for (as Prometheus asks),
+    // the Prometheus text format otherwise; the samples are the same.
+    let plain = reqwest::get(&url).await.expect("scrape");
+    assert!(plain.status().is_success());
+    assert!(plain.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = plain.text().await.unwrap();
+    assert!(text.contains("# TYPE takumo_keys_verify_outcomes_total counter"), "{text}");
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .await
+        .expect("scrape");
     assert!(resp.status().is_success());
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
     let body = resp.text().await.unwrap();
+    assert!(body.contains("# TYPE takumo_keys_verify_outcomes counter") && body.ends_with("# EOF\n"), "{body}");
     for needle in [
         r#"takumo_keys_rpc_requests_total{method="VerifyKey",code="OK"} 4"#,
         r#"takumo_keys_rpc_requests_total{method="GetKey",code="NotFound"} 1"#,
