@@ -7,7 +7,12 @@
 //! every key once (cold: one key read and one argon2 verification, then
 //! cached). Measured per server: CPU per cold verification (from /proc), and
 //! resident memory before and after caching every key (RSS per 100,000
-//! cached keys).
+//! cached keys). Then change notices: `--listeners` replicas (each a server
+//! process with a `WatchKeyChanges` stream open from this bench) while one
+//! more replica takes `SetKeyStatus` changes at increasing rates; for each
+//! rate, the time from a change call's return to its notice arriving on
+//! every listener's stream, p50 and p99 (the rate at which p99 passes 100 ms
+//! is the figure asked for).
 //!
 //! Results go to stdout and to `docs/scaling-results.md`, which this bench
 //! owns and rewrites whole (`--docs` elsewhere, `--no-docs` not at all).
@@ -22,7 +27,7 @@ mod cluster;
 
 use clap::Parser;
 use futures::StreamExt;
-use std::{fmt::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
 use support::{
     procfs::{cpu_seconds, status_kb},
     report::write_results,
@@ -44,6 +49,12 @@ struct Opts {
     /// Requests in flight while creating and verifying.
     #[arg(long, env = "TAKUMO_BENCH_SCALING_CONCURRENCY", default_value_t = 32)]
     concurrency: usize,
+    /// Listener counts for the notice phase, comma-separated (0 skips it).
+    #[arg(long, env = "TAKUMO_BENCH_SCALING_LISTENERS", value_delimiter = ',', default_value = "1,4,8")]
+    listeners: Vec<usize>,
+    /// Change rates (per second) tried for each listener count, comma-separated.
+    #[arg(long, env = "TAKUMO_BENCH_SCALING_RATES", value_delimiter = ',', default_value = "50,200,500,1000")]
+    rates: Vec<u32>,
     #[arg(long, env = "TAKUMO_BENCH_SERVER_BIN", default_value = env!("CARGO_BIN_EXE_takumo-keys"))]
     server_bin: PathBuf,
     #[arg(long, env = "TAKUMO_BENCH_SCALING_DOCS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/scaling-results.md"))]
@@ -129,6 +140,92 @@ async fn cold_run(
     }
 }
 
+/// One rate step of the notice phase.
+struct NoticeStep {
+    listeners: usize,
+    rate: u32,
+    changes: usize,
+    achieved: f64,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    missing: usize,
+}
+
+/// Changes at `rate` per second for 2 s through `writer`, each to a key of
+/// its own, while every listener's stream reports when it hears of each.
+async fn notice_step(
+    writer: &ApiKeyServiceClient<Channel>,
+    listeners: &[std::net::SocketAddr],
+    ids: &[String],
+    rate: u32,
+    status: pb::KeyStatus,
+) -> NoticeStep {
+    use std::{collections::HashMap, sync::Mutex, time::Instant};
+    let heard: Arc<Mutex<Vec<HashMap<String, Instant>>>> = Arc::new(Mutex::new(vec![HashMap::new(); listeners.len()]));
+    let mut tasks = vec![];
+    for (i, addr) in listeners.iter().enumerate() {
+        let mut c = client(*addr).await;
+        let mut stream = c
+            .watch_key_changes(admin(pb::WatchKeyChangesRequest { organization_id: None }))
+            .await
+            .expect("watch")
+            .into_inner();
+        let heard = heard.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(change)) = stream.message().await {
+                let now = Instant::now();
+                heard.lock().unwrap()[i].entry(change.key_id).or_insert(now);
+            }
+        }));
+    }
+    let n = (rate as usize * 2).min(ids.len());
+    let every = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let returned: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut calls = vec![];
+    for (k, id) in ids.iter().take(n).enumerate() {
+        let due = start + every * k as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let (mut w, id, returned) = (writer.clone(), id.clone(), returned.clone());
+        calls.push(tokio::spawn(async move {
+            let req = pb::SetKeyStatusRequest { id: id.clone(), status: status as i32 };
+            if w.set_key_status(admin(req)).await.is_ok() {
+                returned.lock().unwrap().insert(id, Instant::now());
+            }
+        }));
+    }
+    for c in calls {
+        let _ = c.await;
+    }
+    let achieved = n as f64 / start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let (returned, heard) = (returned.lock().unwrap().clone(), heard.lock().unwrap().clone());
+    let mut lat = vec![];
+    let mut missing = 0;
+    for (id, back) in &returned {
+        for h in &heard {
+            match h.get(id) {
+                Some(at) => lat.push(at.saturating_duration_since(*back)),
+                None => missing += 1,
+            }
+        }
+    }
+    lat.sort_unstable();
+    let q = |q: f64| (!lat.is_empty()).then(|| lat[((q * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1]);
+    NoticeStep {
+        listeners: listeners.len(),
+        rate,
+        changes: returned.len(),
+        achieved,
+        p50: q(0.5),
+        p99: q(0.99),
+        missing,
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let opts = Opts::parse();
@@ -185,6 +282,52 @@ async fn main() {
         cold_run(&opts, "standby", &env(&p_url, Some(&s_url)), &keys, tmp.path()).await,
     ];
 
+    // Change notices to N listeners.
+    let ids: Vec<String> =
+        keys.iter().map(|k| k.get(takumo_keys::domain::keys::ID_RANGE).unwrap_or_default().to_owned()).collect();
+    let mut steps = vec![];
+    let most = opts.listeners.iter().copied().max().unwrap_or(0);
+    if most > 0 {
+        let writer_server = Server::start(
+            &opts.server_bin,
+            &env(&p_url, None),
+            &tmp.path().join("writer.log"),
+            free_addr(),
+            free_addr(),
+        );
+        writer_server.wait_ready().await;
+        let writer = client(writer_server.addr).await;
+        let mut servers = vec![];
+        for i in 0..most {
+            let s = Server::start(
+                &opts.server_bin,
+                &env(&p_url, None),
+                &tmp.path().join(format!("listener-{i}.log")),
+                free_addr(),
+                free_addr(),
+            );
+            s.wait_ready().await;
+            servers.push(s);
+        }
+        let mut next = 0usize;
+        let mut status = pb::KeyStatus::Disabled;
+        for &n in &opts.listeners {
+            let addrs: Vec<_> = servers.iter().take(n).map(|s| s.addr).collect();
+            for &rate in &opts.rates {
+                let want = (rate as usize * 2).min(ids.len());
+                if next + want > ids.len() {
+                    next = 0;
+                    status =
+                        if status == pb::KeyStatus::Disabled { pb::KeyStatus::Active } else { pb::KeyStatus::Disabled };
+                }
+                let step = notice_step(&writer, &addrs, &ids[next..next + want], rate, status).await;
+                next += want;
+                eprintln!("notices: {n} listeners, {rate}/s: p99 {:?}", step.p99);
+                steps.push(step);
+            }
+        }
+    }
+
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -216,6 +359,32 @@ async fn main() {
          allocator keeps what it got, so this is an upper bound on what the caches hold.",
         runs[0].cpu_per_verify_us * 10_000.0 / 1e6
     );
+    if !steps.is_empty() {
+        let _ = writeln!(
+            t,
+            "\n## Change notices to N listeners\n\nOne replica takes `SetKeyStatus` changes (each to a key of its \
+             own) at the asked rate for 2 s; every listener is another replica with a `WatchKeyChanges` stream open \
+             from this bench. Latency: from a change call's return to the notice arriving on a listener's stream \
+             (the change's `pg_notify`, PostgreSQL's delivery to the listener's LISTEN connection, the listener's \
+             feed); one sample per change per listener. All processes share this machine's 2 cores.\n\n\
+             | listeners | asked rate | achieved | changes | p50 | p99 | notices missing | p99 ≤ 100 ms |\n|---:|---:|---:|---:|---:|---:|---:|---|"
+        );
+        for s in &steps {
+            let ms = |d: Option<Duration>| d.map_or("–".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
+            let _ = writeln!(
+                t,
+                "| {} | {}/s | {:.0}/s | {} | {} | {} | {} | {} |",
+                s.listeners,
+                s.rate,
+                s.achieved,
+                s.changes,
+                ms(s.p50),
+                ms(s.p99),
+                s.missing,
+                if s.p99.is_some_and(|p| p <= Duration::from_millis(100)) && s.missing == 0 { "yes" } else { "**no**" }
+            );
+        }
+    }
     print!("{t}");
     if !opts.no_docs {
         write_results(&opts.docs, &t);

@@ -36,7 +36,7 @@ pub(crate) async fn probe_health(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
-    let (mut serving, mut primary_was, mut standby_was) = (true, true, Some(true));
+    let (mut serving, mut primary_was) = (true, true);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -61,12 +61,9 @@ pub(crate) async fn probe_health(
                 );
             }
         }
-        if standby != standby_was && standby == Some(false) {
-            tracing::warn!("standby does not answer: verification reads go to the primary");
-        } else if standby != standby_was && standby == Some(true) {
-            tracing::info!("standby answers again");
-        }
-        (primary_was, standby_was) = (primary, standby);
+        // The standby's own transitions are logged once, by the read path
+        // that falls back (store/standby.rs); here only the gauge moves.
+        primary_was = primary;
         let ok = primary || standby == Some(true);
         if ok != serving {
             serving = ok;
