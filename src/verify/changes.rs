@@ -126,6 +126,11 @@ impl ChangeFeed {
 mod tests {
     use super::*;
 
+    /// The next change, failing (not hanging) when none comes within 5 s.
+    async fn next(rx: &mut broadcast::Receiver<Change>) -> Change {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("a change within 5 s").unwrap()
+    }
+
     fn key(id: &str, org: Option<&str>) -> Change {
         Change::Key { id: id.into(), organization_id: org.map(Arc::from) }
     }
@@ -137,9 +142,9 @@ mod tests {
         feed.key_changed("k1", Some("acme"));
         feed.key_changed("k2", None);
         feed.resync();
-        assert_eq!(rx.recv().await.unwrap(), key("k1", Some("acme")));
-        assert_eq!(rx.recv().await.unwrap(), key("k2", None));
-        assert_eq!(rx.recv().await.unwrap(), Change::Resync);
+        assert_eq!(next(&mut rx).await, key("k1", Some("acme")));
+        assert_eq!(next(&mut rx).await, key("k2", None));
+        assert_eq!(next(&mut rx).await, Change::Resync);
         assert_eq!(feed.subscribers(), 1);
     }
 
@@ -151,12 +156,12 @@ mod tests {
         feed.lost();
         let _during_the_gap = feed.subscribe().expect("a short gap takes subscriptions");
         feed.resync();
-        assert_eq!(rx.recv().await.unwrap(), Change::Resync, "a short gap ends in a resync, nothing else");
+        assert_eq!(next(&mut rx).await, Change::Resync, "a short gap ends in a resync, nothing else");
 
         feed.lost();
         std::thread::sleep(Duration::from_millis(60));
         feed.lost();
-        assert_eq!(rx.recv().await.unwrap(), Change::Lost, "a gap past the grace ends the stream");
+        assert_eq!(next(&mut rx).await, Change::Lost, "a gap past the grace ends the stream");
         assert_eq!(feed.subscribe().err(), Some(Change::Lost), "no subscription while nothing is heard");
         feed.resync();
         assert!(feed.subscribe().is_ok(), "subscriptions resume once notices flow");
@@ -169,7 +174,7 @@ mod tests {
         let feed = ChangeFeed::default();
         let mut rx = feed.subscribe().unwrap();
         feed.stop();
-        assert_eq!(rx.recv().await.unwrap(), Change::Stopping);
+        assert_eq!(next(&mut rx).await, Change::Stopping);
         assert_eq!(feed.subscribe().err(), Some(Change::Stopping));
         feed.resync();
         assert_eq!(feed.subscribe().err(), Some(Change::Stopping), "a late resync does not undo a stop");
