@@ -37,6 +37,7 @@ use std::{
     time::{Duration, Instant},
 };
 use support::{
+    load::{admin_req, connect},
     pgdb::PgDatabase,
     report::write_results,
     server::{Server, ensure_server_built, free_addr, warn_lines},
@@ -46,7 +47,7 @@ use takumo_keys::{
     domain::secret::SecretString,
     proto::pb::{self, api_key_service_client::ApiKeyServiceClient, create_key_request::Scopes},
 };
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic::{Request, metadata::AsciiMetadataValue, transport::Channel};
 use tower::{Layer, Service, ServiceExt};
 
 const SERVICE_TOKEN: &str = "bench-service-token-0123456789abcdefghijklmnop";
@@ -86,21 +87,15 @@ struct Opts {
     bench: bool,
 }
 
+/// A management call with the bench's service token.
 fn admin<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {SERVICE_TOKEN}")).unwrap());
-    r.metadata_mut().insert("x-takumo-actor", MetadataValue::from_static("bench"));
-    r
+    static AUTH: std::sync::LazyLock<AsciiMetadataValue> =
+        std::sync::LazyLock::new(|| format!("Bearer {SERVICE_TOKEN}").parse().expect("ascii"));
+    admin_req(msg, &AUTH)
 }
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .expect("connect")
+    connect(addr, 1, Some(Duration::from_secs(10))).await.remove(0)
 }
 
 type Inner = tower::util::ServiceFn<

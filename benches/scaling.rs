@@ -29,12 +29,13 @@ use clap::Parser;
 use futures::StreamExt;
 use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
 use support::{
+    load::{admin_req, connect},
     procfs::{cpu_seconds, status_kb},
     report::write_results,
     server::{Server, ensure_server_built, free_addr},
 };
 use takumo_keys::proto::pb::{self, api_key_service_client::ApiKeyServiceClient, create_key_request::Scopes};
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic::{Request, metadata::AsciiMetadataValue, transport::Channel};
 
 const SERVICE_TOKEN: &str = "bench-service-token-0123456789abcdefghijklmnop";
 const PEPPER: &str = "bench-pepper-0123456789abcdef";
@@ -65,16 +66,15 @@ struct Opts {
     bench: bool,
 }
 
+/// A management call with the bench's service token.
 fn admin<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {SERVICE_TOKEN}")).unwrap());
-    r.metadata_mut().insert("x-takumo-actor", MetadataValue::from_static("bench"));
-    r
+    static AUTH: std::sync::LazyLock<AsciiMetadataValue> =
+        std::sync::LazyLock::new(|| format!("Bearer {SERVICE_TOKEN}").parse().expect("ascii"));
+    admin_req(msg, &AUTH)
 }
 
 async fn client(addr: std::net::SocketAddr) -> ApiKeyServiceClient<Channel> {
-    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().timeout(Duration::from_secs(30));
-    ApiKeyServiceClient::new(ch.connect().await.expect("connect"))
+    ApiKeyServiceClient::new(connect(addr, 1, Some(Duration::from_secs(30))).await.remove(0))
 }
 
 fn env(primary: &str, standby: Option<&str>) -> Vec<(String, String)> {

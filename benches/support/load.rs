@@ -28,6 +28,14 @@ pub async fn connect(addr: SocketAddr, n: usize, timeout: Option<Duration>) -> V
     out
 }
 
+/// A management call as the bench's service acting for member `bench`.
+pub fn admin_req<T>(body: T, auth: &tonic::metadata::AsciiMetadataValue) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(body);
+    req.metadata_mut().insert("authorization", auth.clone());
+    req.metadata_mut().insert("x-takumo-actor", tonic::metadata::MetadataValue::from_static("bench"));
+    req
+}
+
 pub fn status_text(s: &tonic::Status) -> String {
     format!("gRPC {:?}: {}", s.code(), s.message())
 }

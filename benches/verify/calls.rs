@@ -12,13 +12,10 @@ use takumo_keys::{
     domain::keys::KEY_LEN,
     proto::pb::{self, CreateKeyRequest, VerifyCode, VerifyKeyRequest, api_key_service_client::ApiKeyServiceClient},
 };
-use tonic::{
-    Code, Request,
-    metadata::{AsciiMetadataValue, MetadataValue},
-    transport::Channel,
-};
+use tonic::{Code, Request, metadata::AsciiMetadataValue, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
+pub use crate::support::load::admin_req;
 use crate::support::{
     keygen::random_key,
     load::{Job, Outcome, status_text},
@@ -94,13 +91,6 @@ pub fn create_key_req(name: &str) -> CreateKeyRequest {
 }
 
 /// A management call: the service token plus the member acting (`x-takumo-actor`).
-pub fn admin_req<T>(body: T, auth: &AsciiMetadataValue) -> Request<T> {
-    let mut req = Request::new(body);
-    req.metadata_mut().insert("authorization", auth.clone());
-    req.metadata_mut().insert("x-takumo-actor", MetadataValue::from_static("bench"));
-    req
-}
-
 #[derive(Clone, Copy)]
 pub enum Expect {
     Valid,

@@ -121,6 +121,9 @@ pub fn serve_args(url: &str) -> ServeArgs {
 /// The real server on an ephemeral port; stopped when dropped.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
+    /// The channel `client` uses (lazy, every call with `RPC_DEADLINE`), for
+    /// other clients of the same server (ext_authz, compressed calls).
+    pub channel: Channel,
     pub client: ApiKeyServiceClient<Channel>,
     pub usage: Usage,
     pub store: Arc<dyn Store>,
@@ -229,7 +232,8 @@ impl TestApp {
         let channel = Channel::from_shared(format!("http://{addr}")).unwrap().timeout(RPC_DEADLINE).connect_lazy();
         Self {
             addr,
-            client: ApiKeyServiceClient::new(channel),
+            client: ApiKeyServiceClient::new(channel.clone()),
+            channel,
             usage,
             store,
             metrics,

@@ -237,13 +237,7 @@ fn check_request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> Check
 }
 
 async fn envoy(app: &TestApp) -> AuthorizationClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .timeout(common::RPC_DEADLINE)
-        .connect()
-        .await
-        .unwrap();
-    AuthorizationClient::new(channel)
+    AuthorizationClient::new(app.channel.clone())
 }
 
 /// Check as Envoy calls it: the service token in the call's own metadata.

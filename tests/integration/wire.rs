@@ -2,19 +2,14 @@
 //! many gRPC clients and proxies send when compression is on) are accepted,
 //! and a caller that accepts compression gets compressed answers.
 
-use crate::common::{self, Backend, TestApp, as_service};
+use crate::common::{Backend, TestApp, as_service};
 use takumo_keys::proto::pb::{self, api_key_service_client::ApiKeyServiceClient, create_key_request::Scopes};
-use tonic::{codec::CompressionEncoding, transport::Channel};
+use tonic::codec::CompressionEncoding;
 
 async fn compressed_requests_are_accepted_and_answers_compressed(b: Backend) {
     let app = TestApp::spawn(b).await;
     let (_, secret) = app.create("acme", Some(Scopes::Preset(pb::ScopePreset::ReadOnly as i32))).await;
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .timeout(common::RPC_DEADLINE)
-        .connect()
-        .await
-        .unwrap();
+    let channel = app.channel.clone();
     for (encoding, name) in [(CompressionEncoding::Gzip, "gzip"), (CompressionEncoding::Zstd, "zstd")] {
         let mut c = ApiKeyServiceClient::new(channel.clone()).send_compressed(encoding).accept_compressed(encoding);
         let req = pb::VerifyKeyRequest { key: secret.clone(), ..Default::default() };
