@@ -90,7 +90,15 @@ async fn a_revoked_key_never_verifies_again_on_any_replica_while_the_standby_has
     standby_shows(&p, &key.id, "active").await;
     assert!(verify(&b, &secret).await.unwrap().valid);
 
+    let heard = b.metrics.invalidations.get();
     a.client.clone().revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
+    // The notice takes a moment to reach B (longer under load); until it has,
+    // B's cached entry is as good as any replica's and proves nothing here.
+    common::eventually(10, "B hears of the revocation", || {
+        let now = b.metrics.invalidations.get();
+        async move { now > heard }
+    })
+    .await;
     // B held the key; a replica started now never saw it. Both must refuse it
     // for as long as the standby still says ACTIVE, and after.
     let c = replica(&p).await;
