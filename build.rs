@@ -34,17 +34,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The `proto/` directory of the `envoy-types` package this build resolved,
-/// as `cargo metadata` reports it (a registry checkout, a vendor directory or
-/// a git checkout alike).
+/// The `proto/` directory of the `envoy-types` package this build resolved.
+///
+/// First the registry checkout Cargo unpacked it into (the version from
+/// Cargo.lock), because `cargo metadata --offline` needs every package of the
+/// lockfile on disk, dev-dependencies and other platforms' included, which a
+/// plain `cargo build` on a new machine has not downloaded. Then, for vendored
+/// or git sources, `cargo metadata`.
 fn envoy_types_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    // Another envoy-types version is another directory: Cargo.lock says when.
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    let version = locked_version(&manifest_dir.join("Cargo.lock"), "envoy-types");
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let (Some(version), Some(home)) = (&version, &cargo_home)
+        && let Ok(registries) = std::fs::read_dir(home.join("registry").join("src"))
+    {
+        for registry in registries.flatten() {
+            let dir = registry.path().join(format!("envoy-types-{version}")).join("proto");
+            if dir.is_dir() {
+                return Ok(dir);
+            }
+        }
+    }
+
     let cargo = env::var("CARGO")?;
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
-        .current_dir(env::var("CARGO_MANIFEST_DIR")?)
-        .output()?;
+    let mut metadata = Command::new(cargo);
+    metadata.args(["metadata", "--format-version", "1", "--offline"]).current_dir(&manifest_dir);
+    for triple in [env::var("TARGET")?, env::var("HOST")?] {
+        metadata.arg("--filter-platform").arg(triple);
+    }
+    let output = metadata.output()?;
     if !output.status.success() {
-        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+        return Err(format!(
+            "envoy-types {} is not in {}/registry/src, and cargo metadata failed: {}",
+            version.as_deref().unwrap_or("(not in Cargo.lock)"),
+            cargo_home.as_deref().unwrap_or(std::path::Path::new("$CARGO_HOME")).display(),
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
     }
     let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)?;
     let manifest = metadata["packages"]
@@ -54,8 +84,19 @@ fn envoy_types_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
         .find(|p| p["name"] == "envoy-types")
         .and_then(|p| p["manifest_path"].as_str())
         .ok_or("cargo metadata lists no envoy-types package")?;
-    let dir = PathBuf::from(manifest).parent().ok_or("envoy-types manifest has no directory")?.join("proto");
-    // Another envoy-types version is another directory: Cargo.lock says when.
-    println!("cargo:rerun-if-changed=Cargo.lock");
-    Ok(dir)
+    Ok(PathBuf::from(manifest).parent().ok_or("envoy-types manifest has no directory")?.join("proto"))
+}
+
+/// The version Cargo.lock pins for `name`, if it pins exactly one.
+fn locked_version(lock: &std::path::Path, name: &str) -> Option<String> {
+    let text = std::fs::read_to_string(lock).ok()?;
+    let wanted = format!("name = \"{name}\"");
+    let mut versions = text.split("[[package]]").filter_map(|package| {
+        let mut lines = package.lines().map(str::trim);
+        lines.find(|l| *l == wanted)?;
+        let version = lines.find(|l| l.starts_with("version = "))?;
+        Some(version.trim_start_matches("version = ").trim_matches('"').to_owned())
+    });
+    let first = versions.next()?;
+    versions.next().is_none().then_some(first)
 }
