@@ -288,6 +288,11 @@ impl Freshness {
         c.at.elapsed() < if pushed { self.max_age } else { self.ttl }
     }
 
+    /// One message of the change stream.
+    fn apply(&self, change: &crate::proto::pb::KeyChange) {
+        if change.resync { self.resync() } else { self.changed(&change.key_id) }
+    }
+
     fn changed(&self, key_id: &str) {
         self.stripe(key_id).fetch_add(1, Ordering::AcqRel);
     }
@@ -315,6 +320,39 @@ impl Freshness {
 const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// When to try opening the change stream again, and whether a failure is worth a log line.
+struct Retry {
+    backoff: Duration,
+    /// Failures to open are logged once per streak, not once per attempt.
+    failing: bool,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self { backoff: WATCH_BACKOFF_MIN, failing: false }
+    }
+
+    /// The stream opened: the next loss starts again from the shortest pause, and its
+    /// first failure is logged.
+    fn opened(&mut self) {
+        *self = Self::new();
+    }
+
+    /// An attempt to open failed; true if it is the first of its streak (log it).
+    fn failed(&mut self) -> bool {
+        !std::mem::replace(&mut self.failing, true)
+    }
+
+    /// The pause before the next attempt, drawn from [backoff/2, backoff) so a fleet of
+    /// layers does not reconnect in step after a deploy; each pause doubles the next, up
+    /// to the maximum.
+    fn pause(&mut self, unit: f64) -> Duration {
+        let pause = self.backoff.mul_f64(0.5 + unit / 2.0);
+        self.backoff = (self.backoff * 2).min(WATCH_BACKOFF_MAX);
+        pause
+    }
+}
+
 struct Watcher {
     client: KeysClient,
     freshness: Arc<Freshness>,
@@ -338,9 +376,7 @@ impl Watcher {
 
 /// Holds the change stream open until the layer is dropped, reconnecting with backoff.
 async fn watch(client: KeysClient, freshness: Arc<Freshness>, mut stopped: tokio::sync::oneshot::Receiver<()>) {
-    let mut backoff = WATCH_BACKOFF_MIN;
-    // Failures to open are logged once per streak, not once per attempt.
-    let mut failing = false;
+    let mut retry = Retry::new();
     loop {
         let request = crate::proto::pb::WatchKeyChangesRequest { organization_id: None };
         let mut raw = client.raw();
@@ -352,8 +388,7 @@ async fn watch(client: KeysClient, freshness: Arc<Freshness>, mut stopped: tokio
             Ok(response) => {
                 let mut stream = response.into_inner();
                 freshness.connected();
-                backoff = WATCH_BACKOFF_MIN;
-                failing = false;
+                retry.opened();
                 tracing::info!("key change stream up: verdicts are kept until their key changes");
                 let ended = loop {
                     let message = tokio::select! {
@@ -361,8 +396,7 @@ async fn watch(client: KeysClient, freshness: Arc<Freshness>, mut stopped: tokio
                         m = stream.message() => m,
                     };
                     match message {
-                        Ok(Some(change)) if change.resync => freshness.resync(),
-                        Ok(Some(change)) => freshness.changed(&change.key_id),
+                        Ok(Some(change)) => freshness.apply(&change),
                         Ok(None) => break Status::unavailable("the keys service ended the change stream"),
                         Err(status) => break status,
                     }
@@ -376,23 +410,20 @@ async fn watch(client: KeysClient, freshness: Arc<Freshness>, mut stopped: tokio
             }
             Err(status) => {
                 freshness.disconnected();
-                if !failing {
+                if retry.failed() {
                     tracing::warn!(
                         code = ?status.code(),
                         message = status.message(),
                         "cannot open the key change stream: verdicts live for the TTL only; retrying with backoff"
                     );
-                    failing = true;
                 }
             }
         }
-        // Jittered, so a fleet of layers does not reconnect in step after a deploy.
-        let pause = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+        let pause = retry.pause(rand::random::<f64>());
         tokio::select! {
             _ = &mut stopped => return,
             _ = tokio::time::sleep(pause) => {}
         }
-        backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
     }
 }
 
@@ -670,6 +701,61 @@ mod tests {
         assert!(!f.usable(&pushed, "k5"));
     }
 
+    fn unreachable_client() -> KeysClient {
+        // Port 9 (discard) has no keys service: the stream can never open.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        KeysClient::from_channel(channel, crate::domain::secret::SecretString::new("t".repeat(32))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_change_stream_is_watched_only_when_asked_for_and_there_is_a_cache() {
+        let watcher = |b: VerifyLayerBuilder| b.build().unwrap().shared.watcher.is_some();
+        assert!(watcher(VerifyLayer::builder(unreachable_client())));
+        assert!(!watcher(VerifyLayer::builder(unreachable_client()).watch_changes(false)));
+        assert!(!watcher(VerifyLayer::builder(unreachable_client()).cache_ttl(Duration::ZERO)));
+    }
+
+    #[tokio::test]
+    async fn a_layer_whose_stream_is_not_up_says_it_is_not_watching() {
+        let layer = VerifyLayer::builder(unreachable_client()).build().unwrap();
+        // Its watch task is trying (and failing) to open the stream meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!layer.is_watching());
+    }
+
+    #[test]
+    fn a_resync_message_voids_every_verdict_and_a_change_only_its_keys() {
+        use crate::proto::pb::KeyChange;
+        let f = Freshness::new(Duration::from_secs(5), Duration::from_secs(300));
+        let change = |key_id: &str| KeyChange { key_id: key_id.into(), ..Default::default() };
+        let (k1, k2) = (cached(&f, "k1", Duration::ZERO), cached(&f, "k2", Duration::ZERO));
+        let k2_other_stripe = !std::ptr::eq(f.stripe("k1"), f.stripe("k2"));
+        assert!(k2_other_stripe, "the test needs two keys on different stripes");
+        f.apply(&change("k1"));
+        assert!(!f.usable(&k1, "k1"));
+        assert!(f.usable(&k2, "k2"), "a change of k1 voided k2");
+        f.apply(&KeyChange { resync: true, ..Default::default() });
+        assert!(!f.usable(&k2, "k2"), "a resync left a verdict standing");
+    }
+
+    #[test]
+    fn reconnecting_backs_off_with_jitter_and_logs_a_failure_once_per_streak() {
+        let mut retry = Retry::new();
+        assert!(retry.failed(), "the first failure is logged");
+        assert!(!retry.failed() && !retry.failed(), "later ones of the streak are not");
+        // Pauses are drawn from [backoff/2, backoff) and double up to the maximum.
+        assert_eq!(retry.pause(0.0), WATCH_BACKOFF_MIN / 2);
+        assert_eq!(retry.pause(1.0), WATCH_BACKOFF_MIN * 2);
+        assert_eq!(retry.pause(0.5), WATCH_BACKOFF_MIN * 3);
+        for _ in 0..20 {
+            retry.pause(0.0);
+        }
+        assert_eq!(retry.pause(1.0), WATCH_BACKOFF_MAX);
+        retry.opened();
+        assert_eq!(retry.pause(1.0), WATCH_BACKOFF_MIN, "an open stream resets the backoff");
+        assert!(retry.failed(), "and the next streak's first failure is logged");
+    }
+
     /// An inner service that is never ready: it reports an error from `poll_ready`.
     #[derive(Clone)]
     struct Down;
@@ -688,10 +774,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_inner_service_readiness_passes_through() {
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-        let client =
-            KeysClient::from_channel(channel, crate::domain::secret::SecretString::new("t".repeat(32))).unwrap();
-        let mut svc = VerifyLayer::builder(client).build().unwrap().layer(Down);
+        let mut svc = VerifyLayer::builder(unreachable_client()).build().unwrap().layer(Down);
         let ready = std::future::poll_fn(|cx| Service::<Request<axum::body::Body>>::poll_ready(&mut svc, cx)).await;
         assert_eq!(ready, Err("inner service down"));
     }
