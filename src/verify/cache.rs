@@ -306,6 +306,20 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_announced_version_is_the_floor_and_it_never_falls() {
+        let c = VerifyCache::new(CacheSettings::default());
+        let at = |s: i64| DateTime::<Utc>::from_timestamp(s, 0).unwrap();
+        assert_eq!(c.floor("id1"), None);
+        c.raise_floor("id1", at(200));
+        assert_eq!(c.floor("id1"), Some(at(200)));
+        c.raise_floor("id1", at(100));
+        assert_eq!(c.floor("id1"), Some(at(200)), "an older notice lowered the floor");
+        c.raise_floor("id1", at(300));
+        assert_eq!(c.floor("id1"), Some(at(300)));
+        assert_eq!(c.floor("id2"), None, "a floor is per key");
+    }
+
+    #[test]
     fn a_read_that_raced_an_invalidation_is_not_cached() {
         let c = VerifyCache::new(CacheSettings::default());
         let fp = c.fingerprint("k1");
