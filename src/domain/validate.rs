@@ -166,5 +166,24 @@ mod tests {
         let big: Vec<(String, String)> = (0..16).map(|i| (format!("{i:0>64}"), "v".repeat(200))).collect();
         let refs: Vec<(&str, &str)> = big.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert!(check(&refs).unwrap_err().contains("4096"));
+        // The byte bound is exact and counts keys plus values: 16 entries of
+        // 8 + 248 bytes are 4,096 (their products would be 31,744).
+        let exact: Vec<(String, String)> = (0..16).map(|i| (format!("key{i:0>5}"), "v".repeat(248))).collect();
+        let refs: Vec<(&str, &str)> = exact.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert!(check(&refs).is_ok(), "{:?}", check(&refs));
+        let mut over = exact.clone();
+        over[0].1.push('v');
+        let refs: Vec<(&str, &str)> = over.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert!(check(&refs).unwrap_err().contains("4097 bytes"));
+    }
+
+    #[test]
+    fn a_leak_source_is_bounded_in_characters_and_printable() {
+        let check = |v: &str| leak_source("source_url", v, 8).map_err(|e| e.to_string());
+        assert!(check("").is_ok());
+        assert!(check("ünïcödé!").is_ok(), "8 characters (12 bytes) are within 8");
+        assert!(check("123456789").unwrap_err().contains("9 characters long; at most 8"));
+        assert!(check("a\nb").unwrap_err().contains("must not contain control"));
+        assert!(check("a\u{202E}b").unwrap_err().contains("must not contain control"));
     }
 }
