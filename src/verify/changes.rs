@@ -135,6 +135,16 @@ mod tests {
         Change::Key { id: id.into(), organization_id: org.map(Arc::from) }
     }
 
+    #[test]
+    fn the_subscriber_count_follows_streams_opening_and_closing() {
+        let feed = ChangeFeed::default();
+        assert_eq!(feed.subscribers(), 0);
+        let (a, b) = (feed.subscribe().unwrap(), feed.subscribe().unwrap());
+        assert_eq!(feed.subscribers(), 2);
+        drop((a, b));
+        assert_eq!(feed.subscribers(), 0);
+    }
+
     #[tokio::test]
     async fn subscribers_hear_changes_and_resyncs_in_order() {
         let feed = ChangeFeed::default();
