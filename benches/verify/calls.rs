@@ -15,10 +15,9 @@ use takumo_keys::{
 use tonic::{Code, Request, metadata::AsciiMetadataValue, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
-pub use crate::support::load::admin_req;
 use crate::support::{
     keygen::random_key,
-    load::{Job, Outcome, status_text},
+    load::{Job, Outcome, admin_req, status_text},
 };
 use crate::{ORG, REQUIRED_SCOPE};
 
@@ -90,7 +89,7 @@ pub fn create_key_req(name: &str) -> CreateKeyRequest {
     }
 }
 
-/// A management call: the service token plus the member acting (`x-takumo-actor`).
+/// What a verification must answer for `check_verify` to count it as correct.
 #[derive(Clone, Copy)]
 pub enum Expect {
     Valid,

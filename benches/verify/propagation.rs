@@ -13,11 +13,11 @@ use takumo_keys::proto::pb::{
 };
 use tonic::{Code, metadata::AsciiMetadataValue, transport::Channel};
 
-use crate::calls::{Expect, admin_req, authed, check_verify, create_key_req, verify_req};
+use crate::calls::{Expect, authed, check_verify, create_key_req, verify_req};
 use crate::measure::Ctx;
 use crate::report::Verdict;
 use crate::support::{
-    load::{Outcome, connect, status_text},
+    load::{Outcome, admin_req, connect, status_text},
     report::fmt_dur,
     server::{Server, free_addr},
 };
