@@ -491,3 +491,30 @@ impl AuditColumns {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connection trouble is worth a retry (UNAVAILABLE); a query the store
+    /// got wrong is not (INTERNAL): clients back off on the one, page on the other.
+    #[test]
+    fn connection_trouble_is_unavailable_and_anything_else_internal() {
+        let trouble = [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            sqlx::Error::Tls("handshake failed".into()),
+            sqlx::Error::Protocol("unexpected message".into()),
+            sqlx::Error::WorkerCrashed,
+        ];
+        for err in trouble {
+            let shown = err.to_string();
+            assert!(matches!(Error::from(err), Error::Unavailable { .. }), "{shown}");
+        }
+        for err in [sqlx::Error::RowNotFound, sqlx::Error::ColumnNotFound("phc".into())] {
+            let shown = err.to_string();
+            assert!(matches!(Error::from(err), Error::Internal(_)), "{shown}");
+        }
+    }
+}

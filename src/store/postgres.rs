@@ -591,7 +591,7 @@ impl Store for PostgresStore {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.wait_for(|s| *s) => return,
                     }
-                    backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+                    backoff = next_backoff(backoff);
                     continue;
                 }
             };
@@ -699,6 +699,13 @@ fn parse_notice(payload: &str) -> (&str, Option<&str>, Option<DateTime<Utc>>) {
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The listener's wait before its next attempt: doubling, so a database
+/// that is down is not hammered by every replica, up to a cap, so notices
+/// resume within seconds of its return.
+fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(LISTEN_BACKOFF_MAX)
+}
+
 /// Inserts a new ACTIVE key and counts it in `keys_created` (CreateKey and
 /// RollKey; the caller holds the transaction and has checked the plan).
 async fn insert_key(tx: &mut sqlx::PgConnection, key: &NewKey) -> Result<ApiKey> {
@@ -795,4 +802,55 @@ async fn notify_change(tx: &mut sqlx::PgConnection, key: &ApiKey, version: DateT
         .execute(tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_url() -> String {
+        std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    /// The error PostgreSQL returns for a statement failing with `sqlstate`.
+    async fn failing_with(pool: &PgPool, sqlstate: &str) -> Error {
+        let raise = format!("DO $$ BEGIN RAISE EXCEPTION 'planted' USING ERRCODE = '{sqlstate}'; END $$");
+        Error::from(sqlx::query(sqlx::AssertSqlSafe(raise)).execute(pool).await.unwrap_err())
+    }
+
+    /// Which SQLSTATEs clients may retry: the statement timeout, a server
+    /// shutting down or full, a broken connection, a server not yet
+    /// accepting connections; a constraint or a bad query is not retryable.
+    #[tokio::test]
+    async fn sqlstates_of_an_unreachable_or_overloaded_server_are_unavailable() {
+        let pool = PgPoolOptions::new().max_connections(1).connect(&server_url()).await.unwrap();
+        for code in ["57014", "57P01", "57P02", "57P03", "53300", "08000", "08006", "55000"] {
+            let err = failing_with(&pool, code).await;
+            assert!(matches!(err, Error::Unavailable { .. }), "{code}: {err:?}");
+        }
+        for code in ["23505", "42P01", "40001", "P0001", "58000", "53200"] {
+            let err = failing_with(&pool, code).await;
+            assert!(matches!(err, Error::Internal(_)), "{code}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn the_listener_backs_off_doubling_up_to_its_cap() {
+        let waits: Vec<_> =
+            std::iter::successors(Some(LISTEN_BACKOFF_MIN), |d| Some(next_backoff(*d))).take(8).collect();
+        let ms: Vec<_> = waits.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+
+    /// The store's Debug form (in a panic or a `?` log) says whether a
+    /// standby is set, never a connection URL: those hold passwords.
+    #[tokio::test]
+    async fn the_debug_form_shows_no_connection_url() {
+        let store = PostgresStore {
+            pool: PgPool::connect_lazy(&server_url()).unwrap(),
+            standby: None,
+            listen_url: Some(SecretString::new("postgres://listener:hunter2@db/keys")),
+        };
+        assert_eq!(format!("{store:?}"), "PostgresStore { standby: false, .. }");
+    }
 }

@@ -10,9 +10,10 @@ use takumo_keys::{
     Error,
     domain::keys,
     domain::model::{
-        AuditAction, AuditContext, AuditFilter, Environment, KeyStatus, ListFilter, NewKey, Plan, StoredHash,
-        UsageDelta,
+        AuditAction, AuditContext, AuditFilter, Environment, KeyStatus, KeyUpdate, LeakAction, ListFilter, NewKey,
+        Plan, StoredHash, UsageDelta,
     },
+    domain::secret::SecretString,
     store::{self, StoreOptions, truncate_micros},
 };
 
@@ -301,6 +302,25 @@ async fn calls_older_than_24h_do_not_count_and_prune_removes_them(b: Backend) {
     assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 2);
     assert_eq!(s.prune_usage(now - Duration::hours(25)).await.unwrap(), 1);
     assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 2);
+    assert_eq!(s.prune_usage(now - Duration::hours(25)).await.unwrap(), 0, "the pruned bucket is gone");
+}
+
+async fn a_bucket_straddling_the_window_start_counts(b: Backend) {
+    let s = test_store(b).await;
+    let k = s.create_key(new_key("acme", "alice"), &ctx()).await.unwrap();
+    let now = truncate_micros(Utc::now());
+    // The minute holding `now - 24h + 30s`: its second half lies in the window.
+    let edge = (now - Duration::hours(24) + Duration::seconds(30)).duration_trunc(Duration::minutes(1)).unwrap();
+    let before = edge - Duration::minutes(2);
+    let delta = |minute, calls| UsageDelta {
+        key_id: k.id.clone(),
+        organization_id: "acme".into(),
+        minute,
+        calls,
+        last_used_at: minute,
+    };
+    s.record_usage(&[delta(edge, 3), delta(before, 100)]).await.unwrap();
+    assert_eq!(s.key_stats("acme", now).await.unwrap().api_calls_24h, 3);
 }
 
 async fn migrations_run_twice_without_harm(b: Backend) {
@@ -413,7 +433,247 @@ async fn audit_events_filter_and_page_newest_first(b: Backend) {
     assert!(s.list_audit_events("acme", &past, None, 100).await.unwrap().is_empty());
 }
 
+async fn verification_reads_follow_the_primary_without_a_standby(b: Backend) {
+    let s = test_store(b).await;
+    assert!(s.ping_standby().await.is_none(), "no standby is configured, so none is reported");
+    let nk = new_key("acme", "alice");
+    let created = s.create_key(nk.clone(), &ctx()).await.unwrap();
+    // Without a standby the floor has nothing to guard: the primary is read.
+    for floor in [None, Some(created.updated_at)] {
+        let (key, hash) = s.verification_read(&nk.id, floor).await.unwrap().expect("the new key is found");
+        assert_eq!((key, hash), (created.clone(), nk.secret_hash.clone()));
+        assert_eq!(s.verification_reread(&nk.id, floor).await.unwrap(), Some(created.clone()));
+    }
+    let disabled = s.set_status(&nk.id, KeyStatus::Disabled, &ctx()).await.unwrap().unwrap();
+    assert_eq!(s.verification_reread(&nk.id, Some(disabled.updated_at)).await.unwrap(), Some(disabled));
+    assert!(s.verification_read("0000000000000000", None).await.unwrap().is_none());
+    assert!(s.verification_reread("0000000000000000", None).await.unwrap().is_none());
+}
+
+#[derive(Default)]
+struct Notices(std::sync::Mutex<Vec<String>>);
+
+impl store::ChangeSink for Notices {
+    fn key_changed(&self, id: &str, _: Option<&str>, _: Option<chrono::DateTime<Utc>>) {
+        self.0.lock().unwrap().push(format!("changed {id}"));
+    }
+    fn resync(&self) {
+        self.0.lock().unwrap().push("resync".into());
+    }
+    fn notices_lost(&self) {
+        self.0.lock().unwrap().push("lost".into());
+    }
+}
+
+async fn watching_changes_lasts_until_stopped(b: Backend) {
+    let s = test_store(b).await;
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let store = s.store.clone();
+    let sink = Arc::new(Notices::default());
+    let watch = tokio::spawn({
+        let sink = sink.clone();
+        async move { store.watch_changes(sink, stop).await }
+    });
+    // A watch that returned early would leave the cache deaf to other
+    // writers while looking healthy; it must still be running.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!watch.is_finished(), "the watch ended before it was stopped");
+    assert!(!sink.0.lock().unwrap().contains(&"lost".to_string()), "{:?}", sink.0.lock().unwrap());
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), watch).await.expect("the watch ends once stopped").unwrap();
+}
+
+/// The audit events of `org` with `action`, newest first.
+async fn events_of(s: &TestStore, org: &str, action: AuditAction) -> Vec<takumo_keys::domain::model::AuditEvent> {
+    let only = AuditFilter { action: Some(action), ..Default::default() };
+    s.list_audit_events(org, &only, None, 100).await.unwrap()
+}
+
+async fn update_changes_only_the_named_fields_and_audits_their_names(b: Backend) {
+    let s = test_store(b).await;
+    let nk = new_key("acme", "alice");
+    let created = s.create_key(nk.clone(), &ctx()).await.unwrap();
+
+    let rename = KeyUpdate { name: Some("renamed".into()), ..Default::default() };
+    let renamed = s.update_key(&nk.id, &rename, &ctx()).await.unwrap().unwrap();
+    assert_eq!(renamed.name, "renamed");
+    assert_eq!((&renamed.metadata, renamed.expires_at), (&created.metadata, None));
+    assert!(renamed.updated_at >= created.updated_at);
+    assert_eq!(s.get_key(&nk.id).await.unwrap(), Some(renamed.clone()));
+
+    let expiry = truncate_micros(Utc::now() + Duration::days(30));
+    let relabel = KeyUpdate {
+        metadata: Some([("team".into(), "infra".into())].into()),
+        expires_at: Some(Some(expiry)),
+        ..Default::default()
+    };
+    let relabelled = s.update_key(&nk.id, &relabel, &ctx()).await.unwrap().unwrap();
+    assert_eq!(relabelled.name, "renamed", "a field the update leaves out is kept");
+    assert_eq!(relabelled.metadata, [("team".to_string(), "infra".to_string())].into());
+    assert_eq!(relabelled.expires_at, Some(expiry));
+
+    let never = KeyUpdate { expires_at: Some(None), ..Default::default() };
+    assert_eq!(s.update_key(&nk.id, &never, &ctx()).await.unwrap().unwrap().expires_at, None);
+
+    let updates = events_of(&s, "acme", AuditAction::KeyUpdated).await;
+    let details: Vec<_> = updates.iter().map(|e| e.detail.as_deref().unwrap_or_default()).collect();
+    assert_eq!(details, ["changed: expires_at", "changed: metadata, expires_at", "changed: name"]);
+    assert!(updates.iter().all(|e| e.status_before == Some(KeyStatus::Active) && e.key_id.as_deref() == Some(&*nk.id)));
+    assert!(s.update_key("0000000000000000", &rename, &ctx()).await.unwrap().is_none());
+}
+
+/// A successor of `old` as the API builds it for RollKey.
+fn successor(old: &NewKey) -> NewKey {
+    NewKey { rotated_from: Some(old.id.clone()), ..new_key(&old.organization_id, &old.created_by) }
+}
+
+async fn roll_links_the_keys_and_ends_the_old_one_at_the_earlier_of_grace_and_expiry(b: Backend) {
+    let s = test_store(b).await;
+    // Free: three keys fill the plan, and rolling one still works.
+    let (a, soon, now_gone) = (new_key("acme", "alice"), new_key("acme", "alice"), new_key("acme", "alice"));
+    let expiry = truncate_micros(Utc::now() + Duration::minutes(10));
+    for k in [&a, &NewKey { expires_at: Some(expiry), ..soon.clone() }, &now_gone] {
+        s.create_key(k.clone(), &ctx()).await.unwrap();
+    }
+
+    let before = Utc::now();
+    let (new, old) = s.roll_key(&a.id, successor(&a), Duration::hours(1), &ctx()).await.unwrap().unwrap();
+    let after = Utc::now();
+    assert_eq!((new.rotated_from.as_deref(), new.status), (Some(&*a.id), KeyStatus::Active));
+    assert_eq!((old.rotated_to.as_deref(), old.status), (Some(&*new.id), KeyStatus::Active));
+    let end = old.expires_at.expect("the old key works for the grace period");
+    assert!(end >= truncate_micros(before + Duration::hours(1)) && end <= after + Duration::hours(1), "{end}");
+    assert_eq!(s.get_key(&a.id).await.unwrap(), Some(old.clone()));
+
+    match s.roll_key(&a.id, successor(&a), Duration::hours(1), &ctx()).await {
+        Err(Error::FailedPrecondition(m)) => assert!(m.contains("already rolled"), "{m}"),
+        other => panic!("a key rolled twice: {other:?}"),
+    }
+
+    // Grace beyond the key's own expiry: it still ends at its expiry.
+    let (_, old_soon) = s.roll_key(&soon.id, successor(&soon), Duration::hours(1), &ctx()).await.unwrap().unwrap();
+    assert_eq!((old_soon.expires_at, old_soon.status), (Some(expiry), KeyStatus::Active));
+
+    // No grace: revoked at once.
+    let (_, revoked) = s.roll_key(&now_gone.id, successor(&now_gone), Duration::zero(), &ctx()).await.unwrap().unwrap();
+    assert_eq!((revoked.status, revoked.expires_at), (KeyStatus::Revoked, None));
+
+    let rolls = events_of(&s, "acme", AuditAction::KeyRolled).await;
+    let details: Vec<_> = rolls.iter().map(|e| e.detail.clone().unwrap_or_default()).collect();
+    assert_eq!(details[0], format!("rolled from {}; the previous key revoked at once", now_gone.id));
+    let until = expiry.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(details[1], format!("rolled from {}; the previous key works until {until}", soon.id));
+    assert!(details[2].starts_with(&format!("rolled from {}; the previous key works until ", a.id)), "{}", details[2]);
+    assert!(s.roll_key("0000000000000000", successor(&a), Duration::hours(1), &ctx()).await.unwrap().is_none());
+}
+
+async fn only_an_active_unexpired_key_can_be_rolled(b: Backend) {
+    let s = test_store(b).await;
+    s.set_plan("acme", Plan::Enterprise, &ctx()).await.unwrap();
+    let disabled = new_key("acme", "alice");
+    s.create_key(disabled.clone(), &ctx()).await.unwrap();
+    s.set_status(&disabled.id, KeyStatus::Disabled, &ctx()).await.unwrap();
+    let expired =
+        NewKey { expires_at: Some(truncate_micros(Utc::now() - Duration::minutes(1))), ..new_key("acme", "alice") };
+    s.create_key(expired.clone(), &ctx()).await.unwrap();
+    for (k, why) in [(&disabled, "only an active key"), (&expired, "has expired")] {
+        match s.roll_key(&k.id, successor(k), Duration::hours(1), &ctx()).await {
+            Err(Error::FailedPrecondition(m)) => assert!(m.contains(why), "{m}"),
+            other => panic!("rolled a key that {why}: {other:?}"),
+        }
+        let unchanged = s.get_key(&k.id).await.unwrap().unwrap();
+        assert_eq!(unchanged.rotated_to, None, "a refused roll left a link");
+    }
+    assert!(events_of(&s, "acme", AuditAction::KeyRolled).await.is_empty());
+}
+
+async fn a_leak_report_acts_once_per_key_and_url(b: Backend) {
+    let s = test_store(b).await;
+    s.set_plan("acme", Plan::Enterprise, &ctx()).await.unwrap();
+    let url = "https://github.com/acme/app/blob/main/.env";
+    let leaked = |k: &NewKey, url: &str, action| {
+        let (s, id, url) = (&s, k.id.clone(), url.to_owned());
+        async move { s.record_leak(&id, &url, "github", action, &ctx()).await.unwrap() }
+    };
+    let revoked = new_key("acme", "alice");
+    let disabled = new_key("acme", "alice");
+    let reported = new_key("acme", "alice");
+    for k in [&revoked, &disabled, &reported] {
+        s.create_key(k.clone(), &ctx()).await.unwrap();
+    }
+
+    assert!(leaked(&revoked, url, LeakAction::Revoke).await, "the first report of a key and URL acts");
+    assert!(!leaked(&revoked, url, LeakAction::Revoke).await, "a repeat changes nothing");
+    assert!(leaked(&revoked, "https://gist.github.com/x", LeakAction::Revoke).await);
+    assert_eq!(s.get_key(&revoked.id).await.unwrap().unwrap().status, KeyStatus::Revoked);
+
+    assert!(leaked(&disabled, url, LeakAction::Disable).await);
+    assert_eq!(s.get_key(&disabled.id).await.unwrap().unwrap().status, KeyStatus::Disabled);
+    assert!(leaked(&disabled, "https://gist.github.com/x", LeakAction::Disable).await);
+
+    assert!(leaked(&reported, url, LeakAction::Report).await);
+    assert_eq!(s.get_key(&reported.id).await.unwrap().unwrap().status, KeyStatus::Active);
+    assert!(!s.record_leak("0000000000000000", url, "github", LeakAction::Revoke, &ctx()).await.unwrap());
+
+    let events = events_of(&s, "acme", AuditAction::KeyLeaked).await;
+    let got: Vec<_> = events
+        .iter()
+        .rev()
+        .map(|e| (e.key_id.clone().unwrap(), e.status_before, e.status_after, e.detail.clone().unwrap()))
+        .collect();
+    let (active, dis, rev) = (Some(KeyStatus::Active), Some(KeyStatus::Disabled), Some(KeyStatus::Revoked));
+    let at = |u: &str, done: &str| format!("found at {u} (source: github); {done}");
+    assert_eq!(
+        got,
+        vec![
+            (revoked.id.clone(), active, rev, at(url, "revoked")),
+            (revoked.id.clone(), rev, rev, at("https://gist.github.com/x", "already revoked")),
+            (disabled.id.clone(), active, dis, at(url, "disabled")),
+            (disabled.id.clone(), dis, dis, at("https://gist.github.com/x", "already disabled")),
+            (reported.id.clone(), active, active, at(url, "reported only (TAKUMO_LEAK_ACTION=report)")),
+        ]
+    );
+}
+
+async fn a_rehash_replaces_the_hash_only_if_it_is_still_the_old_one(b: Backend) {
+    let s = test_store(b).await;
+    let nk = new_key("acme", "alice");
+    let created = s.create_key(nk.clone(), &ctx()).await.unwrap();
+    let newer =
+        StoredHash { phc: "$argon2id$v=19$m=512,t=2,p=1$c2FsdHNhbHQ$bmV3".into(), pepper_id: "1badc0de".into() };
+    assert!(s.replace_hash(&nk.id, &nk.secret_hash, &newer).await.unwrap());
+    let (key, hash) = s.get_key_with_hash(&nk.id).await.unwrap().unwrap();
+    assert_eq!((key, &hash), (created, &newer), "the record is unchanged; only the hash moved");
+    // Another replica rehashed first: this one's old hash is stale and loses.
+    let other =
+        StoredHash { phc: "$argon2id$v=19$m=512,t=2,p=1$c2FsdHNhbHQ$b3RoZXI".into(), pepper_id: "2badc0de".into() };
+    assert!(!s.replace_hash(&nk.id, &nk.secret_hash, &other).await.unwrap());
+    assert_eq!(s.get_key_with_hash(&nk.id).await.unwrap().unwrap().1, newer);
+    assert!(events_of(&s, "acme", AuditAction::KeyUpdated).await.is_empty(), "a rehash is not audited");
+}
+
+async fn the_store_names_its_backend_and_reports_its_pool(b: Backend) {
+    let s = test_store(b).await;
+    let name = match b {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    assert_eq!(s.backend(), name);
+    s.ping().await.unwrap();
+    let pool = s.pool_stats();
+    assert!(pool.size >= 1 && pool.idle <= pool.size, "{pool:?}");
+}
+
 for_each_backend!(
+    a_bucket_straddling_the_window_start_counts,
+    update_changes_only_the_named_fields_and_audits_their_names,
+    roll_links_the_keys_and_ends_the_old_one_at_the_earlier_of_grace_and_expiry,
+    only_an_active_unexpired_key_can_be_rolled,
+    a_leak_report_acts_once_per_key_and_url,
+    a_rehash_replaces_the_hash_only_if_it_is_still_the_old_one,
+    the_store_names_its_backend_and_reports_its_pool,
+    verification_reads_follow_the_primary_without_a_standby,
+    watching_changes_lasts_until_stopped,
     every_mutation_appends_an_audit_event_in_its_transaction,
     audit_events_filter_and_page_newest_first,
     create_key_then_get_returns_the_same_key,
@@ -432,3 +692,43 @@ for_each_backend!(
     migrations_run_twice_without_harm,
     replicas_starting_together_migrate_once,
 );
+
+/// The embedded store has no standby and no listener: a setting for either
+/// is refused at start instead of being silently ignored.
+#[tokio::test]
+async fn the_embedded_store_refuses_a_read_url_or_a_listen_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let pg = || Some(SecretString::new("postgres://postgres@127.0.0.1:5432/postgres"));
+    for opts in
+        [StoreOptions { read_url: pg(), ..Default::default() }, StoreOptions { listen_url: pg(), ..Default::default() }]
+    {
+        match store::connect(&url, &opts).await {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("DATABASE_READ_URL"), "{m}"),
+            Err(e) => panic!("expected InvalidArgument, got {e}"),
+            Ok(_) => panic!("the embedded store accepted {opts:?}"),
+        }
+    }
+    assert!(store::connect(&url, &StoreOptions::default()).await.is_ok());
+}
+
+/// The readiness probe's ping really asks PostgreSQL: with the database
+/// refusing connections (and the pool's ones ended) it fails.
+#[tokio::test]
+async fn a_ping_fails_while_the_database_refuses_connections() {
+    let s = test_store(Backend::Postgres).await;
+    s.ping().await.unwrap();
+    let name = s.db.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&s.db.url.replace(&format!("/{name}"), "/postgres")).await.unwrap();
+    let allow = |on: bool| sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {on}"));
+    sqlx::query(allow(false)).execute(&admin).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(30), s.ping()).await.expect("the ping ends");
+    assert!(matches!(refused, Err(Error::Unavailable { .. })), "{refused:?}");
+    sqlx::query(allow(true)).execute(&admin).await.unwrap();
+    s.ping().await.unwrap();
+}
