@@ -729,13 +729,7 @@ async fn insert_key(tx: &mut sqlx::PgConnection, key: &NewKey) -> Result<ApiKey>
     .bind(metadata_json(&key.metadata))
     .bind(key.rotated_from.as_deref())
     .fetch_one(&mut *tx)
-    .await
-    .map_err(|e| match e {
-        sqlx::Error::Database(ref d) if d.is_unique_violation() => {
-            Error::internal(anyhow::anyhow!("key id collision; retry"))
-        }
-        e => Error::from(e),
-    })?;
+    .await?;
     sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
         .bind(&key.organization_id)
         .bind(Utc::now())

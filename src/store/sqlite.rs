@@ -79,7 +79,7 @@ impl SqliteStore {
                 Err(e) if attempt < OPEN_ATTEMPTS => {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "opening the SQLite database raced another opener; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    tokio::time::sleep(open_retry_pause(attempt)).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -119,21 +119,32 @@ fn create_private(path: &std::path::Path) -> Result<()> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             #[cfg(unix)]
-            if let Ok(meta) = std::fs::metadata(path) {
-                use std::os::unix::fs::PermissionsExt;
-                let mode = meta.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
-                    tracing::warn!(
-                        path = %path.display(),
-                        mode = format!("{mode:04o}"),
-                        "the database file is readable by group or others; chmod 600 it and its -wal and -shm files"
-                    );
-                }
+            if let Some(mode) = std::fs::metadata(path).ok().and_then(|m| exposed_mode(&m)) {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{mode:04o}"),
+                    "the database file is readable by group or others; chmod 600 it and its -wal and -shm files"
+                );
             }
             Ok(())
         }
         Err(e) => Err(Error::invalid(format!("DATABASE_URL: cannot create the SQLite file {}: {e}", path.display()))),
     }
+}
+
+/// The permission bits of a file that group or others may access, `None`
+/// for an owner-only file.
+#[cfg(unix)]
+fn exposed_mode(meta: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
+/// The pause before the `attempt`th retry of opening the database: short,
+/// as the race it rides out lasts one migration, and growing.
+fn open_retry_pause(attempt: u32) -> Duration {
+    Duration::from_millis(50 * u64::from(attempt))
 }
 
 /// A key row as SQLite stores it: timestamps as microseconds since the
@@ -619,13 +630,7 @@ async fn insert_key(tx: &mut sqlx::SqliteConnection, key: &NewKey, now: i64) -> 
     .bind(metadata_json(&key.metadata))
     .bind(key.rotated_from.as_deref())
     .fetch_one(&mut *tx)
-    .await
-    .map_err(|e| match e {
-        sqlx::Error::Database(ref d) if d.is_unique_violation() => {
-            Error::internal(anyhow::anyhow!("key id collision; retry"))
-        }
-        e => Error::from(e),
-    })?;
+    .await?;
     sqlx::query("UPDATE organizations SET keys_created = keys_created + 1, updated_at = $2 WHERE id = $1")
         .bind(&key.organization_id)
         .bind(now)
@@ -683,6 +688,74 @@ async fn append_audit(tx: &mut sqlx::SqliteConnection, r: &AuditRecord<'_>, now:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode_of(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The database and its -wal and -shm files hold key hashes: a new
+    /// database is readable by its owner only, whatever the umask.
+    #[tokio::test]
+    async fn a_new_database_file_and_its_journal_are_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keys.db");
+        let store =
+            SqliteStore::connect(&format!("sqlite://{}", db.display()), &StoreOptions::default()).await.unwrap();
+        store.ping().await.unwrap();
+        for name in ["keys.db", "keys.db-wal", "keys.db-shm"] {
+            assert_eq!(mode_of(&dir.path().join(name)), 0o600, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_an_owner_only_file_is_not_reported_as_exposed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        std::fs::write(&path, b"").unwrap();
+        for (mode, exposed) in [(0o600, None), (0o400, None), (0o640, Some(0o640)), (0o604, Some(0o604))] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(exposed_mode(&std::fs::metadata(&path).unwrap()), exposed, "{mode:o}");
+        }
+    }
+
+    /// `:memory:` and an empty name (a temporary database) are no files: none is created.
+    #[test]
+    fn a_database_without_a_file_creates_none() {
+        create_private(std::path::Path::new(":memory:")).unwrap();
+        create_private(std::path::Path::new("")).unwrap();
+        assert!(!std::path::Path::new(":memory:").exists());
+    }
+
+    #[test]
+    fn a_database_in_a_missing_directory_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("keys.db");
+        match create_private(&path) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("missing/keys.db"), "{m}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    /// Retrying covers a race with another opener, not a file that is no
+    /// database: that fails after the last attempt instead of retrying forever.
+    #[tokio::test]
+    async fn a_file_that_is_no_database_fails_after_the_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let (url, opts) = (format!("sqlite://{}", path.display()), StoreOptions::default());
+        let result = tokio::time::timeout(Duration::from_secs(30), SqliteStore::connect(&url, &opts))
+            .await
+            .expect("connect gives up");
+        assert!(result.is_err());
+    }
+
+    #[test]
+    fn retries_of_opening_pause_longer_each_time() {
+        let pauses: Vec<_> = (1..=3).map(|a| open_retry_pause(a).as_millis()).collect();
+        assert_eq!(pauses, [50, 100, 150]);
+    }
 
     /// A write that finds the database locked past the busy timeout is
     /// SQLITE_BUSY: retryable UNAVAILABLE, not INTERNAL.

@@ -664,7 +664,19 @@ async fn the_store_names_its_backend_and_reports_its_pool(b: Backend) {
     assert!(pool.size >= 1 && pool.idle <= pool.size, "{pool:?}");
 }
 
+async fn a_duplicate_key_id_is_refused_and_changes_nothing(b: Backend) {
+    let s = test_store(b).await;
+    let nk = new_key("acme", "alice");
+    let first = s.create_key(nk.clone(), &ctx()).await.unwrap();
+    let again = NewKey { name: "impostor".into(), ..nk.clone() };
+    assert!(matches!(s.create_key(again, &ctx()).await, Err(Error::Internal(_))));
+    assert_eq!(s.get_key(&nk.id).await.unwrap(), Some(first));
+    assert_eq!(s.key_stats("acme", Utc::now()).await.unwrap().total_keys, 1, "the refused create counted");
+    assert_eq!(events_of(&s, "acme", AuditAction::KeyCreated).await.len(), 1);
+}
+
 for_each_backend!(
+    a_duplicate_key_id_is_refused_and_changes_nothing,
     a_bucket_straddling_the_window_start_counts,
     update_changes_only_the_named_fields_and_audits_their_names,
     roll_links_the_keys_and_ends_the_old_one_at_the_earlier_of_grace_and_expiry,
