@@ -100,3 +100,42 @@ impl Standby {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A standby whose pool is never used: the reads below bring their own outcome.
+    fn standby() -> Standby {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        Standby::new(pool, Some("0/0".into()))
+    }
+
+    /// Runs a read that ends with `ok`, counting whether the standby was asked at all.
+    async fn read(s: &Standby, asked: &AtomicUsize, ok: bool) -> Option<()> {
+        s.read(|_| async move {
+            asked.fetch_add(1, Ordering::Relaxed);
+            if ok { Ok(()) } else { Err(crate::Error::invalid("planted failure")) }
+        })
+        .await
+    }
+
+    /// After a failure the standby rests for RETRY_INTERVAL (reads go
+    /// straight to the primary instead of each waiting on a dead standby),
+    /// then is asked again; a standby that never failed is always asked.
+    #[tokio::test]
+    async fn a_failed_standby_is_skipped_until_the_retry_interval_has_passed() {
+        let s = standby();
+        let asked = AtomicUsize::new(0);
+        assert_eq!(read(&s, &asked, true).await, Some(()), "a fresh standby is asked");
+        assert_eq!(read(&s, &asked, false).await, None);
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+        assert_eq!(read(&s, &asked, true).await, None, "asked while resting");
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+        tokio::time::sleep(RETRY_INTERVAL + Duration::from_millis(100)).await;
+        assert_eq!(read(&s, &asked, true).await, Some(()), "not asked again after the interval");
+        assert_eq!(read(&s, &asked, true).await, Some(()), "an answer ends the rest");
+        assert_eq!(asked.load(Ordering::Relaxed), 4);
+    }
+}

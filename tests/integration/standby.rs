@@ -13,6 +13,7 @@ use takumo_keys::{
     proto::pb::{self, create_key_request::Scopes},
 };
 use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 const APPLY_DELAY: &str = "3s";
 
@@ -37,6 +38,14 @@ async fn replica(p: &Pair) -> TestApp {
         a
     })
     .await
+}
+
+async fn serving(app: &TestApp) -> ServingStatus {
+    let mut health = HealthClient::new(app.channel.clone());
+    let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+    req.set_timeout(Duration::from_secs(10));
+    let status = health.check(req).await.expect("health answers").into_inner().status;
+    ServingStatus::try_from(status).unwrap()
 }
 
 fn read_only() -> Option<Scopes> {
@@ -141,13 +150,23 @@ async fn with_the_primary_stopped_a_cold_key_verifies_from_the_standby() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
+    // The health probe sees the primary gone and the standby answering, so
+    // the replica stays SERVING: it can still verify.
+    common::eventually(30, "the probe marks the primary down", || async { a.metrics.store_primary_up.get() == 0 })
+        .await;
+    assert_eq!(a.metrics.store_standby_up.get(), 1, "the standby answers the probe");
+    assert_eq!(serving(&a).await, ServingStatus::Serving);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_standby_stopped_everything_still_works() {
     let p = pair();
     let a = replica(&p).await;
+    common::eventually(30, "the probe sees the standby", || async { a.metrics.store_standby_up.get() == 1 }).await;
     p.standby.stop();
+    common::eventually(30, "the probe marks the standby down", || async { a.metrics.store_standby_up.get() == 0 })
+        .await;
+    assert_eq!(serving(&a).await, ServingStatus::Serving, "the primary still answers");
     let (_, secret) = a.create("acme", read_only()).await;
     assert!(verify(&a, &secret).await.unwrap().valid, "verification did not fall back to the primary");
     let (_, second) = a.create("acme", read_only()).await;
@@ -182,4 +201,47 @@ async fn the_change_listener_connects_to_database_listen_url() {
     assert!(verify(&b, &secret).await.unwrap().valid);
     a.client.clone().revoke_key(as_service(pb::RevokeKeyRequest { id: key.id }, "alice")).await.unwrap();
     b.verifies_eventually(&secret, pb::VerifyCode::Revoked).await;
+}
+
+/// Notices of changes made while a replica's listener was cut off never
+/// reach it: once it listens again it must not trust the lagging standby
+/// with a key revoked during the gap (its barrier moves to the primary's
+/// position at reconnection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails on main (VALID): the cause, a real gap or the test's own set-up, is not yet found; see issue 11's note"]
+async fn a_key_revoked_while_the_listener_was_cut_off_never_verifies_from_the_lagging_standby() {
+    let p = pair();
+    let admin = sqlx::PgPool::connect(&p.primary.url("postgres")).await.unwrap();
+    sqlx::query("CREATE ROLE listener LOGIN").execute(&admin).await.unwrap();
+    let read = p.standby.url("postgres");
+    let listen = p.primary.url("postgres").replace("postgres@", "listener@");
+    let a = TestApp::spawn_on(Arc::new(TestDb::external(p.primary.url("postgres"))), move |url| {
+        let mut args = common::serve_args(url);
+        args.store.database_read_url = Some(SecretString::new(read));
+        args.store.database_listen_url = Some(SecretString::new(listen));
+        args.store.db_acquire_timeout_ms = 1_000;
+        args
+    })
+    .await;
+    let b = replica(&p).await;
+    let (key, secret) = b.create("acme", read_only()).await;
+    standby_shows(&p, &key.id, "active").await;
+    assert!(verify(&a, &secret).await.unwrap().valid);
+
+    // Cut A's listener off and keep it off while B revokes the key.
+    let resets = a.metrics.cache_resets.get();
+    sqlx::query("ALTER ROLE listener NOLOGIN").execute(&admin).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'listener'")
+        .execute(&admin)
+        .await
+        .unwrap();
+    common::eventually(20, "A knows its notices stopped", || async { a.metrics.change_notices_flowing.get() == 0 })
+        .await;
+    b.client.clone().revoke_key(as_service(pb::RevokeKeyRequest { id: key.id.clone() }, "alice")).await.unwrap();
+    sqlx::query("ALTER ROLE listener LOGIN").execute(&admin).await.unwrap();
+    // Listening again: the barrier moved before the resync was announced.
+    common::eventually(20, "A listens again", || async { a.metrics.cache_resets.get() > resets }).await;
+    assert_eq!(standby_status(&p, &key.id).await.as_deref(), Some("active"), "the standby caught up too soon");
+    let r = verify(&a, &secret).await.unwrap();
+    assert_eq!(r.code(), pb::VerifyCode::Revoked, "a key revoked during the gap verified from the lagging standby");
 }
