@@ -18,8 +18,10 @@ use sqlx::PgPool;
 use std::{
     future::Future,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
+// Tokio's clock (the system's monotonic clock outside paused-time tests).
+use tokio::time::Instant;
 
 /// While the standby is down, reads skip it this long before trying again:
 /// each verification must not wait out a connection attempt.
@@ -124,7 +126,7 @@ mod tests {
     /// After a failure the standby rests for RETRY_INTERVAL (reads go
     /// straight to the primary instead of each waiting on a dead standby),
     /// then is asked again; a standby that never failed is always asked.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_standby_is_skipped_until_the_retry_interval_has_passed() {
         let s = standby();
         let asked = AtomicUsize::new(0);
@@ -133,7 +135,9 @@ mod tests {
         assert_eq!(asked.load(Ordering::Relaxed), 2);
         assert_eq!(read(&s, &asked, true).await, None, "asked while resting");
         assert_eq!(asked.load(Ordering::Relaxed), 2);
-        tokio::time::sleep(RETRY_INTERVAL + Duration::from_millis(100)).await;
+        tokio::time::advance(RETRY_INTERVAL - Duration::from_millis(1)).await;
+        assert_eq!(read(&s, &asked, true).await, None, "asked before the interval ended");
+        tokio::time::advance(Duration::from_millis(2)).await;
         assert_eq!(read(&s, &asked, true).await, Some(()), "not asked again after the interval");
         assert_eq!(read(&s, &asked, true).await, Some(()), "an answer ends the rest");
         assert_eq!(asked.load(Ordering::Relaxed), 4);

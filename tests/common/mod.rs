@@ -76,6 +76,25 @@ impl TestDb {
             }
         }
     }
+
+    /// PostgreSQL only: `false` cuts the database off (new connections are
+    /// refused, open ones ended), `true` lets connections in again.
+    pub async fn allow_connections(&self, allow: bool) {
+        let name = self.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+        let admin = sqlx::PgPool::connect(&self.url.replace(&format!("/{name}"), "/postgres")).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        if !allow {
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&name)
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+        admin.close().await;
+    }
 }
 
 /// A store on a fresh database, for the conformance suite.

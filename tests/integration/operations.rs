@@ -93,26 +93,7 @@ async fn health_follows_the_store_and_recovers_without_a_restart() {
     assert_eq!(status(&mut health).await, ServingStatus::Serving);
 
     // Cut the service off its database: refuse new connections, end the open ones.
-    let name = db.url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-    let admin = sqlx::PgPool::connect(&db.url.replace(&format!("/{name}"), "/postgres")).await.unwrap();
-    let set_connections = |allow: bool| {
-        let admin = admin.clone();
-        let name = name.clone();
-        async move {
-            sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}")))
-                .execute(&admin)
-                .await
-                .unwrap();
-            if !allow {
-                sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-                    .bind(&name)
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-            }
-        }
-    };
-    set_connections(false).await;
+    db.allow_connections(false).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while status(&mut health).await != ServingStatus::NotServing {
         assert!(Instant::now() < deadline, "health stayed SERVING with the store gone");
@@ -127,7 +108,7 @@ async fn health_follows_the_store_and_recovers_without_a_restart() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
 
-    set_connections(true).await;
+    db.allow_connections(true).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while status(&mut health).await != ServingStatus::Serving {
         assert!(Instant::now() < deadline, "health did not recover once the store came back");
