@@ -187,16 +187,22 @@ impl Store for PostgresStore {
     }
 
     async fn verification_read(&self, id: &str, floor: Option<DateTime<Utc>>) -> Result<Option<(ApiKey, StoredHash)>> {
-        match self.trusted_standby_read(id, floor).await {
-            Some(found) => Ok(Some(found)),
+        match &self.standby {
             None => self.get_key_with_hash(id).await,
+            Some(standby) => {
+                let from_standby = async { self.trusted_standby_read(standby, id, floor).await.map(Some) };
+                standby.route(from_standby, self.get_key_with_hash(id)).await
+            }
         }
     }
 
     async fn verification_reread(&self, id: &str, floor: Option<DateTime<Utc>>) -> Result<Option<ApiKey>> {
-        match self.trusted_standby_read(id, floor).await {
-            Some((key, _)) => Ok(Some(key)),
+        match &self.standby {
             None => self.get_key(id).await,
+            Some(standby) => {
+                let from_standby = async { self.trusted_standby_read(standby, id, floor).await.map(|(k, _)| Some(k)) };
+                standby.route(from_standby, self.get_key(id)).await
+            }
         }
     }
 
@@ -586,6 +592,7 @@ impl Store for PostgresStore {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "change listener cannot connect");
+                    self.hearing(false);
                     sink.notices_lost();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -598,6 +605,7 @@ impl Store for PostgresStore {
             // Listening again: whatever changed during the gap was missed.
             backoff = LISTEN_BACKOFF_MIN;
             self.reset_barrier().await;
+            self.hearing(true);
             sink.resync();
             tracing::info!("change listener connected");
             loop {
@@ -610,11 +618,13 @@ impl Store for PostgresStore {
                         }
                         Ok(None) => {
                             tracing::warn!("change listener connection lost");
+                            self.hearing(false);
                             sink.notices_lost();
                             break;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "change listener failed");
+                            self.hearing(false);
                             sink.notices_lost();
                             break;
                         }
@@ -629,9 +639,13 @@ impl Store for PostgresStore {
 /// delay the read from the primary.
 const STANDBY_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The primary's current WAL position, or `None` if it cannot say.
+/// The primary's current WAL position, or `None` if it cannot say. The
+/// insert position, not `pg_current_wal_lsn()` (the write position): with
+/// `synchronous_commit = off` a commit returns before its record is written,
+/// so the write position can stand before a revocation that already
+/// returned, and a standby replayed that far would still hold the old row.
 async fn primary_wal_position(pool: &PgPool) -> Option<String> {
-    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(pool).await.ok()
+    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(pool).await.ok()
 }
 
 /// A key and its hash from the standby, if it has replayed the primary up to
@@ -661,8 +675,12 @@ impl PostgresStore {
     /// The verification read from the standby when it can be trusted with
     /// it: caught up to the barrier, has the key (else it may be too new for
     /// the standby), and not older than `floor`. `None`: ask the primary.
-    async fn trusted_standby_read(&self, id: &str, floor: Option<DateTime<Utc>>) -> Option<(ApiKey, StoredHash)> {
-        let standby = self.standby.as_ref()?;
+    async fn trusted_standby_read(
+        &self,
+        standby: &Standby,
+        id: &str,
+        floor: Option<DateTime<Utc>>,
+    ) -> Option<(ApiKey, StoredHash)> {
         let barrier = standby.barrier()?;
         match standby.read(|pool| standby_read(pool, id.to_owned(), barrier)).await {
             Some((true, Some(found))) if floor.is_none_or(|f| found.0.updated_at >= f) => Some(found),
@@ -676,6 +694,15 @@ impl PostgresStore {
     async fn reset_barrier(&self) {
         if let Some(standby) = &self.standby {
             standby.set_barrier(primary_wal_position(&self.pool).await);
+        }
+    }
+
+    /// Tells the standby whether change notices arrive (see [`Standby`]):
+    /// false from the moment the listener loses its connection, true only
+    /// after [`Self::reset_barrier`].
+    fn hearing(&self, hearing: bool) {
+        if let Some(standby) = &self.standby {
+            standby.set_hearing(hearing);
         }
     }
 }

@@ -9,11 +9,16 @@
 //!   ago and not replayed yet (read-your-writes for new keys);
 //! - a record older than the version a change notice announced (its
 //!   `updated_at`): a lagging standby must never resurrect a revoked key;
+//! - anything while this process hears no change notices (before its
+//!   listener first connects, and during a listener gap): a change made then
+//!   raises no floor, so the primary is asked first, and the standby only
+//!   stands in for a primary that cannot answer (as a cached entry would,
+//!   fail static);
 //! - anything while the standby fails: reads fall back to the primary, with
 //!   one log line per transition (and the health probe's `store_standby_up`
 //!   gauge), and the standby is tried again after [`RETRY_INTERVAL`].
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use sqlx::PgPool;
 use std::{
     future::Future,
@@ -24,8 +29,35 @@ use std::{
 use tokio::time::Instant;
 
 /// While the standby is down, reads skip it this long before trying again:
-/// each verification must not wait out a connection attempt.
+/// each verification must not wait out a connection attempt. Likewise the
+/// primary, where it is asked first (no notices) and fails.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When a database last failed, so that reads skip it for [`RETRY_INTERVAL`].
+struct Rest {
+    start: Instant,
+    /// Milliseconds since `start` of the last failure (0: none since the last answer).
+    failed_at_ms: AtomicU64,
+}
+
+impl Rest {
+    fn new() -> Self {
+        Self { start: Instant::now(), failed_at_ms: AtomicU64::new(0) }
+    }
+
+    fn resting(&self) -> bool {
+        let at = self.failed_at_ms.load(Ordering::Relaxed);
+        at != 0 && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < RETRY_INTERVAL.as_millis() as u64
+    }
+
+    fn failed(&self) {
+        self.failed_at_ms.store((self.start.elapsed().as_millis() as u64).max(1), Ordering::Relaxed);
+    }
+
+    fn answered(&self) {
+        self.failed_at_ms.store(0, Ordering::Relaxed);
+    }
+}
 
 pub struct Standby {
     pub(super) pool: PgPool,
@@ -34,10 +66,14 @@ pub struct Standby {
     /// that far may hold records changed before then that no notice will name.
     /// `None`: not known, so the standby is not read.
     barrier: std::sync::Mutex<Option<String>>,
+    /// True while change notices arrive (set once the barrier is current):
+    /// a standby caught up to the barrier then misses nothing a floor does
+    /// not cover. False at start and during a listener gap.
+    hearing: AtomicBool,
     up: AtomicBool,
-    start: Instant,
-    /// Milliseconds since `start` of the last failure (0: none since the last answer).
-    failed_at_ms: AtomicU64,
+    rest: Rest,
+    /// The primary's rest, where it is asked first and fails.
+    primary_rest: Rest,
 }
 
 impl Standby {
@@ -45,9 +81,10 @@ impl Standby {
         Self {
             pool,
             barrier: std::sync::Mutex::new(barrier),
+            hearing: AtomicBool::new(false),
             up: AtomicBool::new(true),
-            start: Instant::now(),
-            failed_at_ms: AtomicU64::new(0),
+            rest: Rest::new(),
+            primary_rest: Rest::new(),
         }
     }
 
@@ -59,9 +96,48 @@ impl Standby {
         *self.barrier.lock().unwrap_or_else(|p| p.into_inner()) = lsn;
     }
 
-    fn resting(&self) -> bool {
-        let at = self.failed_at_ms.load(Ordering::Relaxed);
-        at != 0 && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < RETRY_INTERVAL.as_millis() as u64
+    /// Whether change notices arrive; see `hearing`.
+    pub fn set_hearing(&self, hearing: bool) {
+        self.hearing.store(hearing, Ordering::Release);
+    }
+
+    /// Answers a verification read. `standby`: the standby's answer, `None`
+    /// when it cannot be trusted with this read; `primary`: the primary's.
+    /// While notices arrive the standby answers what it can be trusted with;
+    /// otherwise the primary is asked first, and the standby answers only
+    /// when the primary is unavailable (then for [`RETRY_INTERVAL`] the
+    /// primary is not asked: each read must not wait out a dead primary).
+    pub async fn route<T>(
+        &self,
+        standby: impl Future<Output = Option<T>>,
+        primary: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if self.hearing.load(Ordering::Acquire) {
+            return match standby.await {
+                Some(found) => Ok(found),
+                None => primary.await,
+            };
+        }
+        let unavailable = if self.primary_rest.resting() {
+            Error::Unavailable {
+                message: "the key store's primary is unavailable and its standby cannot answer this read; \
+                          retry with backoff"
+                    .into(),
+                source: None,
+            }
+        } else {
+            match primary.await {
+                Err(e @ Error::Unavailable { .. }) => {
+                    self.primary_rest.failed();
+                    e
+                }
+                answered => {
+                    self.primary_rest.answered();
+                    return answered;
+                }
+            }
+        };
+        standby.await.ok_or(unavailable)
     }
 
     /// Runs a read on the standby. `None`: it failed (or is resting after a
@@ -72,12 +148,12 @@ impl Standby {
     where
         F: Future<Output = Result<T>>,
     {
-        if self.resting() {
+        if self.rest.resting() {
             return None;
         }
         match read(self.pool.clone()).await {
             Err(e) => {
-                self.failed_at_ms.store((self.start.elapsed().as_millis() as u64).max(1), Ordering::Relaxed);
+                self.rest.failed();
                 if self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
                         error = %crate::error::error_chain(&e),
@@ -87,7 +163,7 @@ impl Standby {
                 None
             }
             Ok(r) => {
-                self.failed_at_ms.store(0, Ordering::Relaxed);
+                self.rest.answered();
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("standby (DATABASE_READ_URL) answers again: verification reads go to it");
                 }
@@ -121,6 +197,85 @@ mod tests {
             if ok { Ok(()) } else { Err(crate::Error::invalid("planted failure")) }
         })
         .await
+    }
+
+    fn down() -> Error {
+        Error::Unavailable { message: "planted outage".into(), source: None }
+    }
+
+    /// Routes one read whose standby answer is `standby` and primary answer
+    /// `primary`, returning the answer and which of the two were asked.
+    async fn route(
+        s: &Standby,
+        standby: Option<&'static str>,
+        primary: Result<&'static str>,
+    ) -> (Result<&'static str>, bool, bool) {
+        let (asked_standby, asked_primary) = (AtomicBool::new(false), AtomicBool::new(false));
+        let r = s
+            .route(
+                async {
+                    asked_standby.store(true, Ordering::Relaxed);
+                    standby
+                },
+                async {
+                    asked_primary.store(true, Ordering::Relaxed);
+                    primary
+                },
+            )
+            .await;
+        (r, asked_standby.into_inner(), asked_primary.into_inner())
+    }
+
+    /// While notices arrive, the standby answers what it can be trusted
+    /// with and the primary the rest; the primary is then not asked first.
+    #[tokio::test]
+    async fn while_notices_arrive_the_standby_answers_first() {
+        let s = standby();
+        s.set_hearing(true);
+        let (r, standby_asked, primary_asked) = route(&s, Some("standby"), Ok("primary")).await;
+        assert_eq!((r.unwrap(), standby_asked, primary_asked), ("standby", true, false));
+        let (r, _, primary_asked) = route(&s, None, Ok("primary")).await;
+        assert_eq!((r.unwrap(), primary_asked), ("primary", true));
+    }
+
+    /// Without notices (at start, during a listener gap) a change raises no
+    /// floor, so the primary answers whenever it can; the standby stands in
+    /// only for an unavailable primary, never for one that gave another error.
+    #[tokio::test]
+    async fn without_notices_the_primary_answers_first_and_the_standby_only_stands_in_for_an_outage() {
+        let s = standby();
+        let (r, standby_asked, _) = route(&s, Some("standby"), Ok("primary")).await;
+        assert_eq!((r.unwrap(), standby_asked), ("primary", false), "a fresh standby hears no notices yet");
+        s.set_hearing(true);
+        s.set_hearing(false);
+        let (r, standby_asked, _) = route(&s, Some("standby"), Ok("primary")).await;
+        assert_eq!((r.unwrap(), standby_asked), ("primary", false), "the standby answered during a gap");
+        let (r, _, _) = route(&s, Some("standby"), Err(Error::invalid("not an outage"))).await;
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        let (r, _, _) = route(&s, Some("standby"), Err(down())).await;
+        assert_eq!(r.unwrap(), "standby");
+    }
+
+    /// After the primary failed (no notices), reads go straight to the
+    /// standby for RETRY_INTERVAL, then the primary is asked again; with
+    /// neither able to answer the read is UNAVAILABLE.
+    #[tokio::test(start_paused = true)]
+    async fn without_notices_a_failed_primary_is_skipped_until_the_retry_interval_has_passed() {
+        let s = standby();
+        let (r, _, _) = route(&s, None, Err(down())).await;
+        assert!(matches!(r, Err(Error::Unavailable { .. })), "{r:?}");
+        let (r, _, primary_asked) = route(&s, Some("standby"), Ok("primary")).await;
+        assert_eq!((r.unwrap(), primary_asked), ("standby", false), "asked the primary while it rests");
+        let (r, _, primary_asked) = route(&s, None, Ok("primary")).await;
+        assert!(matches!(r, Err(Error::Unavailable { .. })) && !primary_asked, "{r:?}");
+        tokio::time::advance(RETRY_INTERVAL - Duration::from_millis(1)).await;
+        let (_, _, primary_asked) = route(&s, Some("standby"), Ok("primary")).await;
+        assert!(!primary_asked, "asked the primary before the interval ended");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let (r, _, _) = route(&s, Some("standby"), Ok("primary")).await;
+        assert_eq!(r.unwrap(), "primary", "the primary not asked again after the interval");
+        let (_, standby_asked, _) = route(&s, Some("standby"), Ok("primary")).await;
+        assert!(!standby_asked, "an answer of the primary ends its rest");
     }
 
     /// After a failure the standby rests for RETRY_INTERVAL (reads go

@@ -93,6 +93,10 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
+    /// `synchronous_commit = off` is for speed, and also a setting production
+    /// primaries use: with it a commit returns before its WAL is written,
+    /// which the standby's barrier must allow for (the standby tests failed
+    /// when it was taken from the write position).
     fn pg_ctl_start(&self) {
         let mut c = as_postgres(&self.bin, "pg_ctl");
         c.args(["-w", "-t", "30", "-D"]).arg(self.data()).arg("-l").arg(self.dir.path().join("log")).arg("-o").arg(
