@@ -644,6 +644,9 @@ const STANDBY_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 /// `synchronous_commit = off` a commit returns before its record is written,
 /// so the write position can stand before a revocation that already
 /// returned, and a standby replayed that far would still hold the old row.
+/// (At a page boundary the insert position is past the next page's header,
+/// which a standby reaches only with the next record: reads stay on the
+/// primary until then, which on a replica with traffic is seconds at most.)
 async fn primary_wal_position(pool: &PgPool) -> Option<String> {
     sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(pool).await.ok()
 }

@@ -132,6 +132,61 @@ async fn a_revoked_key_never_verifies_again_on_any_replica_while_the_standby_has
     }
 }
 
+/// Scans of `api_keys` the standby has served (its own statistics: a hot
+/// standby counts the queries run on it).
+async fn standby_key_scans(p: &Pair) -> i64 {
+    let pool = sqlx::PgPool::connect(&p.standby.url("postgres")).await.unwrap();
+    sqlx::query_scalar(
+        "SELECT (coalesce(seq_scan, 0) + coalesce(idx_scan, 0))::bigint FROM pg_stat_user_tables \
+         WHERE relname = 'api_keys'",
+    )
+    .fetch_optional(&pool)
+    .await
+    .unwrap()
+    .unwrap_or(0)
+}
+
+/// Waits until the standby has replayed everything the primary has
+/// written so far, without reading `api_keys` there (which would count in
+/// [`standby_key_scans`]).
+async fn standby_replays_all(p: &Pair) {
+    let primary = sqlx::PgPool::connect(&p.primary.url("postgres")).await.unwrap();
+    let at: String = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(&primary).await.unwrap();
+    // One record more: at a page boundary the insert position is past the
+    // next page's header, which replay reaches only with the next record.
+    sqlx::query("SELECT pg_logical_emit_message(false, 'takumo-test', 'x')").execute(&primary).await.unwrap();
+    let standby = sqlx::PgPool::connect(&p.standby.url("postgres")).await.unwrap();
+    common::eventually(30, "the standby replays the primary", || {
+        let (standby, at) = (standby.clone(), at.clone());
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                .bind(at)
+                .fetch_one(&standby)
+                .await
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// The point of DATABASE_READ_URL: while notices flow, a cold verification
+/// is read from the standby, not the primary (the primary is only asked
+/// first while this replica hears no notices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_notices_flow_a_cold_verification_is_read_from_the_standby() {
+    let p = pair();
+    let a = replica(&p).await;
+    let (_, secret) = a.create("acme", read_only()).await;
+    let b = replica(&p).await;
+    common::eventually(20, "B hears notices", || async { b.metrics.cache_resets.get() > 0 }).await;
+    // B's barrier was taken when its listener connected: replay past it.
+    standby_replays_all(&p).await;
+    let before = standby_key_scans(&p).await;
+    assert!(verify(&b, &secret).await.unwrap().valid);
+    // Statistics reach the view within the standby's flush interval (≤ 10 s).
+    common::eventually(30, "the standby served the read", || async { standby_key_scans(&p).await > before }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_primary_stopped_a_cold_key_verifies_from_the_standby() {
     let p = pair();
