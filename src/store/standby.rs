@@ -50,12 +50,16 @@ impl Rest {
         at != 0 && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < RETRY_INTERVAL.as_millis() as u64
     }
 
-    fn failed(&self) {
-        self.failed_at_ms.store((self.start.elapsed().as_millis() as u64).max(1), Ordering::Relaxed);
+    /// Records a failure. True when it is the first since the last answer
+    /// (a transition worth one log line, not one per read).
+    fn failed(&self) -> bool {
+        let now = (self.start.elapsed().as_millis() as u64).max(1);
+        self.failed_at_ms.swap(now, Ordering::Relaxed) == 0
     }
 
-    fn answered(&self) {
-        self.failed_at_ms.store(0, Ordering::Relaxed);
+    /// Records an answer. True when it ends a failure.
+    fn answered(&self) -> bool {
+        self.failed_at_ms.swap(0, Ordering::Relaxed) != 0
     }
 }
 
@@ -70,7 +74,6 @@ pub struct Standby {
     /// a standby caught up to the barrier then misses nothing a floor does
     /// not cover. False at start and during a listener gap.
     hearing: AtomicBool,
-    up: AtomicBool,
     rest: Rest,
     /// The primary's rest, where it is asked first and fails.
     primary_rest: Rest,
@@ -82,7 +85,6 @@ impl Standby {
             pool,
             barrier: std::sync::Mutex::new(barrier),
             hearing: AtomicBool::new(false),
-            up: AtomicBool::new(true),
             rest: Rest::new(),
             primary_rest: Rest::new(),
         }
@@ -127,6 +129,8 @@ impl Standby {
             }
         } else {
             match primary.await {
+                // The transitions are logged where the primary's outage
+                // is seen for everything (the verifier's breaker, health).
                 Err(e @ Error::Unavailable { .. }) => {
                     self.primary_rest.failed();
                     e
@@ -153,8 +157,7 @@ impl Standby {
         }
         match read(self.pool.clone()).await {
             Err(e) => {
-                self.rest.failed();
-                if self.up.swap(false, Ordering::Relaxed) {
+                if self.rest.failed() {
                     tracing::warn!(
                         error = %crate::error::error_chain(&e),
                         "standby (DATABASE_READ_URL) failed: verification reads go to the primary"
@@ -163,8 +166,7 @@ impl Standby {
                 None
             }
             Ok(r) => {
-                self.rest.answered();
-                if !self.up.swap(true, Ordering::Relaxed) {
+                if self.rest.answered() {
                     tracing::info!("standby (DATABASE_READ_URL) answers again: verification reads go to it");
                 }
                 Some(r)
@@ -276,6 +278,19 @@ mod tests {
         assert_eq!(r.unwrap(), "primary", "the primary not asked again after the interval");
         let (_, standby_asked, _) = route(&s, Some("standby"), Ok("primary")).await;
         assert!(!standby_asked, "an answer of the primary ends its rest");
+    }
+
+    /// One log line when the standby starts failing and one when it answers
+    /// again, not one per read: during an outage every verification reads.
+    #[test]
+    fn only_the_first_failure_and_the_first_answer_after_it_are_transitions() {
+        let rest = Rest::new();
+        assert!(!rest.answered(), "an answer before any failure");
+        assert!(rest.failed(), "the first failure");
+        assert!(!rest.failed(), "a second failure");
+        assert!(rest.answered(), "the answer after failures");
+        assert!(!rest.answered(), "a second answer");
+        assert!(rest.failed(), "a failure after recovery");
     }
 
     /// After a failure the standby rests for RETRY_INTERVAL (reads go
