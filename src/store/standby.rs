@@ -66,7 +66,7 @@ impl Rest {
 pub struct Standby {
     pub(super) pool: PgPool,
     /// The primary's WAL position when this process last (re)started hearing
-    /// change notices (`pg_current_wal_lsn()`): a standby that has not replayed
+    /// change notices (`pg_current_wal_insert_lsn()`): a standby that has not replayed
     /// that far may hold records changed before then that no notice will name.
     /// `None`: not known, so the standby is not read.
     barrier: std::sync::Mutex<Option<String>>,
