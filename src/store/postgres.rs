@@ -652,24 +652,28 @@ async fn primary_wal_position(pool: &PgPool) -> Option<String> {
 }
 
 /// A key and its hash from the standby, if it has replayed the primary up to
-/// `barrier` (a primary in its place counts as caught up: after a failover
-/// the promoted standby is the newest copy there is). `(false, _)`: not
-/// caught up; `(true, None)`: no such key there.
+/// `barrier`. `(false, _)`: not caught up; `(true, None)`: no such key there.
+/// A server not in recovery counts as caught up (`pg_last_wal_replay_lsn()`
+/// is NULL there); a promoted standby keeps its last replayed position, so
+/// it never does and reads go to the primary.
+///
+/// Two statements on one connection, the check first: a statement's
+/// snapshot is taken before it runs, so a row read in the checking statement
+/// itself could predate the position the check then sees replayed.
 async fn standby_read(pool: PgPool, id: String, barrier: String) -> Result<(bool, Option<(ApiKey, StoredHash)>)> {
-    let row = sqlx::query(concat!(
-        "SELECT coalesce(pg_last_wal_replay_lsn() >= $2::pg_lsn, true) AS caught_up, ",
-        key_columns!(),
-        ", secret_hash, pepper_id FROM (SELECT 1) AS one LEFT JOIN api_keys ON api_keys.id = $1"
-    ))
-    .bind(&id)
-    .bind(&barrier)
-    .fetch_one(&pool)
-    .await?;
-    let caught_up: bool = row.try_get("caught_up")?;
-    let present: Option<String> = row.try_get("id")?;
-    if !caught_up || present.is_none() {
-        return Ok((caught_up, None));
+    let mut conn = pool.acquire().await?;
+    let caught_up: bool = sqlx::query_scalar("SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, true)")
+        .bind(&barrier)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !caught_up {
+        return Ok((false, None));
     }
+    let row = sqlx::query(concat!("SELECT ", key_columns!(), ", secret_hash, pepper_id FROM api_keys WHERE id = $1"))
+        .bind(&id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else { return Ok((true, None)) };
     let stored = StoredHash { phc: row.try_get("secret_hash")?, pepper_id: row.try_get("pepper_id")? };
     Ok((true, Some((key_from_row(&row)?, stored))))
 }

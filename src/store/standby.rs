@@ -33,6 +33,11 @@ use tokio::time::Instant;
 /// primary, where it is asked first (no notices) and fails.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Where the primary is asked first (no notices), how long a read waits for
+/// it before the standby answers: a stopped primary is not refused at once
+/// (the pool retries connecting until its acquire timeout, 5 s by default).
+pub const PRIMARY_FIRST_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// When a database last failed, so that reads skip it for [`RETRY_INTERVAL`].
 struct Rest {
     start: Instant,
@@ -48,6 +53,19 @@ impl Rest {
     fn resting(&self) -> bool {
         let at = self.failed_at_ms.load(Ordering::Relaxed);
         at != 0 && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < RETRY_INTERVAL.as_millis() as u64
+    }
+
+    /// Whether this read may ask: always while the database is not known to
+    /// fail; after a failure, once per [`RETRY_INTERVAL`], to one read only
+    /// (it re-arms the rest), so the reads meanwhile never wait on it.
+    fn claim(&self) -> bool {
+        let at = self.failed_at_ms.load(Ordering::Relaxed);
+        if at == 0 {
+            return true;
+        }
+        let now = (self.start.elapsed().as_millis() as u64).max(1);
+        now.saturating_sub(at) >= RETRY_INTERVAL.as_millis() as u64
+            && self.failed_at_ms.compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
     /// Records a failure. True when it is the first since the last answer
@@ -105,10 +123,12 @@ impl Standby {
 
     /// Answers a verification read. `standby`: the standby's answer, `None`
     /// when it cannot be trusted with this read; `primary`: the primary's.
-    /// While notices arrive the standby answers what it can be trusted with;
-    /// otherwise the primary is asked first, and the standby answers only
-    /// when the primary is unavailable (then for [`RETRY_INTERVAL`] the
-    /// primary is not asked: each read must not wait out a dead primary).
+    /// While notices arrive the standby answers what it can be trusted with.
+    /// Otherwise the primary is asked first (waited on for at most
+    /// [`PRIMARY_FIRST_TIMEOUT`]), and the standby answers only when the
+    /// primary is unavailable; after such a failure the primary is asked by
+    /// one read per [`RETRY_INTERVAL`] and the others go to the standby, so
+    /// an outage does not make every read wait.
     pub async fn route<T>(
         &self,
         standby: impl Future<Output = Option<T>>,
@@ -120,17 +140,19 @@ impl Standby {
                 None => primary.await,
             };
         }
-        let unavailable = if self.primary_rest.resting() {
-            Error::Unavailable {
-                message: "the key store's primary is unavailable and its standby cannot answer this read; \
-                          retry with backoff"
-                    .into(),
-                source: None,
-            }
-        } else {
-            match primary.await {
-                // The transitions are logged where the primary's outage
-                // is seen for everything (the verifier's breaker, health).
+        let unavailable = if self.primary_rest.claim() {
+            let answer = tokio::time::timeout(PRIMARY_FIRST_TIMEOUT, primary).await.unwrap_or_else(|_| {
+                Err(Error::Unavailable {
+                    message: format!(
+                        "the key store's primary did not answer within {} ms; retry with backoff",
+                        PRIMARY_FIRST_TIMEOUT.as_millis()
+                    ),
+                    source: None,
+                })
+            });
+            match answer {
+                // Not logged here: the health probe logs the primary's
+                // transitions (store_primary_up).
                 Err(e @ Error::Unavailable { .. }) => {
                     self.primary_rest.failed();
                     e
@@ -139,6 +161,13 @@ impl Standby {
                     self.primary_rest.answered();
                     return answered;
                 }
+            }
+        } else {
+            Error::Unavailable {
+                message: "the key store's primary is unavailable and its standby cannot answer this read; \
+                          retry with backoff"
+                    .into(),
+                source: None,
             }
         };
         standby.await.ok_or(unavailable)
@@ -280,6 +309,35 @@ mod tests {
         assert!(!standby_asked, "an answer of the primary ends its rest");
     }
 
+    /// A primary that does not answer (a stopped one is retried by the pool
+    /// until its acquire timeout) holds a read for PRIMARY_FIRST_TIMEOUT at
+    /// most, then the standby answers; while one read probes a failed
+    /// primary, the others go straight to the standby.
+    #[tokio::test(start_paused = true)]
+    async fn without_notices_a_silent_primary_holds_one_read_at_a_time_for_the_timeout_at_most() {
+        let s = standby();
+        let started = Instant::now();
+        // Bounded here, so that a read waiting for ever fails the test instead of hanging it.
+        let r =
+            tokio::time::timeout(Duration::from_secs(60), s.route(async { Some("standby") }, std::future::pending()))
+                .await
+                .expect("the read waited on a silent primary for ever");
+        assert_eq!(r.unwrap(), "standby");
+        assert_eq!(started.elapsed(), PRIMARY_FIRST_TIMEOUT, "waited on the primary for other than the timeout");
+        tokio::time::advance(RETRY_INTERVAL).await;
+        let probing = s.route(async { Some("prober") }, std::future::pending());
+        let other = async {
+            // The probe has claimed the primary by the time this read starts.
+            tokio::task::yield_now().await;
+            let started = Instant::now();
+            let r = s.route(async { Some("standby") }, std::future::pending()).await;
+            (r.unwrap(), started.elapsed())
+        };
+        let (probed, (other, waited)) = tokio::join!(probing, other);
+        assert_eq!(probed.unwrap(), "prober");
+        assert_eq!((other, waited), ("standby", Duration::ZERO), "a read waited while another probed the primary");
+    }
+
     /// One log line when the standby starts failing and one when it answers
     /// again, not one per read: during an outage every verification reads.
     #[test]
@@ -291,6 +349,9 @@ mod tests {
         assert!(rest.answered(), "the answer after failures");
         assert!(!rest.answered(), "a second answer");
         assert!(rest.failed(), "a failure after recovery");
+        assert!(!rest.claim(), "asked again at once after a failure");
+        rest.answered();
+        assert!(rest.claim(), "an answer did not end the rest");
     }
 
     /// After a failure the standby rests for RETRY_INTERVAL (reads go
