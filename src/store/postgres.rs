@@ -700,7 +700,15 @@ impl PostgresStore {
     /// as far as the primary is now.
     async fn reset_barrier(&self) {
         if let Some(standby) = &self.standby {
-            standby.set_barrier(primary_wal_position(&self.pool).await);
+            let at = primary_wal_position(&self.pool).await;
+            if at.is_none() {
+                // Safe (no barrier, no standby reads) but costly: say so.
+                tracing::warn!(
+                    "the primary's WAL position is unknown: verification reads stay on the primary until the \
+                     change listener reconnects"
+                );
+            }
+            standby.set_barrier(at);
         }
     }
 
