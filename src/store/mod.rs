@@ -20,6 +20,7 @@
 //! flush (`unnest`), migration locking and file permissions.
 
 mod postgres;
+pub mod rest;
 mod sqlite;
 mod standby;
 

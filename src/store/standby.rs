@@ -18,15 +18,14 @@
 //!   one log line per transition (and the health probe's `store_standby_up`
 //!   gauge), and the standby is tried again after [`RETRY_INTERVAL`].
 
+use super::rest::Rest;
 use crate::error::{Error, Result};
 use sqlx::PgPool;
 use std::{
     future::Future,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
-// Tokio's clock (the system's monotonic clock outside paused-time tests).
-use tokio::time::Instant;
 
 /// While the standby is down, reads skip it this long before trying again:
 /// each verification must not wait out a connection attempt. Likewise the
@@ -37,49 +36,6 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// it before the standby answers: a stopped primary is not refused at once
 /// (the pool retries connecting until its acquire timeout, 5 s by default).
 pub const PRIMARY_FIRST_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// When a database last failed, so that reads skip it for [`RETRY_INTERVAL`].
-struct Rest {
-    start: Instant,
-    /// Milliseconds since `start` of the last failure (0: none since the last answer).
-    failed_at_ms: AtomicU64,
-}
-
-impl Rest {
-    fn new() -> Self {
-        Self { start: Instant::now(), failed_at_ms: AtomicU64::new(0) }
-    }
-
-    fn resting(&self) -> bool {
-        let at = self.failed_at_ms.load(Ordering::Relaxed);
-        at != 0 && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < RETRY_INTERVAL.as_millis() as u64
-    }
-
-    /// Whether this read may ask: always while the database is not known to
-    /// fail; after a failure, once per [`RETRY_INTERVAL`], to one read only
-    /// (it re-arms the rest), so the reads meanwhile never wait on it.
-    fn claim(&self) -> bool {
-        let at = self.failed_at_ms.load(Ordering::Relaxed);
-        if at == 0 {
-            return true;
-        }
-        let now = (self.start.elapsed().as_millis() as u64).max(1);
-        now.saturating_sub(at) >= RETRY_INTERVAL.as_millis() as u64
-            && self.failed_at_ms.compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
-
-    /// Records a failure. True when it is the first since the last answer
-    /// (a transition worth one log line, not one per read).
-    fn failed(&self) -> bool {
-        let now = (self.start.elapsed().as_millis() as u64).max(1);
-        self.failed_at_ms.swap(now, Ordering::Relaxed) == 0
-    }
-
-    /// Records an answer. True when it ends a failure.
-    fn answered(&self) -> bool {
-        self.failed_at_ms.swap(0, Ordering::Relaxed) != 0
-    }
-}
 
 pub struct Standby {
     pub(super) pool: PgPool,
@@ -103,8 +59,8 @@ impl Standby {
             pool,
             barrier: std::sync::Mutex::new(barrier),
             hearing: AtomicBool::new(false),
-            rest: Rest::new(),
-            primary_rest: Rest::new(),
+            rest: Rest::new(RETRY_INTERVAL),
+            primary_rest: Rest::new(RETRY_INTERVAL),
         }
     }
 
@@ -214,6 +170,7 @@ impl Standby {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use tokio::time::Instant;
 
     /// A standby whose pool is never used: the reads below bring their own outcome.
     fn standby() -> Standby {
@@ -336,22 +293,6 @@ mod tests {
         let (probed, (other, waited)) = tokio::join!(probing, other);
         assert_eq!(probed.unwrap(), "prober");
         assert_eq!((other, waited), ("standby", Duration::ZERO), "a read waited while another probed the primary");
-    }
-
-    /// One log line when the standby starts failing and one when it answers
-    /// again, not one per read: during an outage every verification reads.
-    #[test]
-    fn only_the_first_failure_and_the_first_answer_after_it_are_transitions() {
-        let rest = Rest::new();
-        assert!(!rest.answered(), "an answer before any failure");
-        assert!(rest.failed(), "the first failure");
-        assert!(!rest.failed(), "a second failure");
-        assert!(rest.answered(), "the answer after failures");
-        assert!(!rest.answered(), "a second answer");
-        assert!(rest.failed(), "a failure after recovery");
-        assert!(!rest.claim(), "asked again at once after a failure");
-        rest.answered();
-        assert!(rest.claim(), "an answer did not end the rest");
     }
 
     /// After a failure the standby rests for RETRY_INTERVAL (reads go

@@ -22,20 +22,14 @@ use crate::{
     error::{Error, Result},
     metrics::Metrics,
     proto::pb::VerifyCode,
-    store::{ChangeSink, Store},
+    store::{ChangeSink, Store, rest::Rest},
     verify::cache::{Entry, Fingerprint, VerifyCache},
     verify::changes::ChangeFeed,
     verify::hashing::Hasher,
     verify::usage::Usage,
 };
 use chrono::{DateTime, Utc};
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 /// Why a presented key does not pass, in the order the checks run. The one
 /// vocabulary of refusals: `VerifyKey` answers with [`Denial::code`], a
@@ -227,31 +221,24 @@ pub struct Verifier {
     inflight: Arc<moka::sync::Cache<Fingerprint, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Remembers when the store last failed, as milliseconds since `start`
-/// (0: it has not failed since it last answered).
-struct Breaker {
-    start: Instant,
-    failed_at_ms: AtomicU64,
-}
+/// The store's outage breaker: while the store rests after a failure,
+/// verifications answer from cache (or fail fast) without asking it. Logs
+/// the transitions, once per outage.
+struct Breaker(Rest);
 
 impl Breaker {
     fn new() -> Self {
-        Self { start: Instant::now(), failed_at_ms: AtomicU64::new(0) }
+        Self(Rest::new(STORE_RETRY_INTERVAL))
     }
 
     fn open(&self) -> bool {
-        let at = self.failed_at_ms.load(Ordering::Relaxed);
-        // `failed` stores at least 1 ms, which can be ahead of `elapsed` in the
-        // process's first millisecond: saturate instead of underflowing.
-        at != 0
-            && (self.start.elapsed().as_millis() as u64).saturating_sub(at) < STORE_RETRY_INTERVAL.as_millis() as u64
+        self.0.resting()
     }
 
-    /// Records a failure. True (and logged, once per outage) when it is the
-    /// first since the store last answered.
+    /// Records a failure. True (and logged) when it is the first since the
+    /// store last answered.
     fn failed(&self, err: &Error) -> bool {
-        let now = (self.start.elapsed().as_millis() as u64).max(1);
-        let first = self.failed_at_ms.swap(now, Ordering::Relaxed) == 0;
+        let first = self.0.failed();
         if first {
             tracing::warn!(error = %crate::error::error_chain(err), "key store unreachable: verifying from cache (fail static)");
         }
@@ -261,7 +248,7 @@ impl Breaker {
     /// Records an answer: closes the breaker. True (and logged) when it was
     /// failing until now.
     fn answered(&self) -> bool {
-        let recovered = self.failed_at_ms.swap(0, Ordering::Relaxed) != 0;
+        let recovered = self.0.answered();
         if recovered {
             tracing::info!("key store answers again");
         }
@@ -554,18 +541,6 @@ mod tests {
         assert!(b.answered(), "an answer closes it");
         assert!(!b.open());
         assert!(!b.answered(), "an answer while closed changes nothing");
-    }
-
-    #[test]
-    fn the_breaker_stays_open_for_its_interval_only() {
-        // A breaker whose process started 10 s ago.
-        let b = Breaker { start: Instant::now() - Duration::from_secs(10), failed_at_ms: AtomicU64::new(0) };
-        let ms = |d: Duration| d.as_millis() as u64;
-        let since_start = ms(b.start.elapsed());
-        b.failed_at_ms.store(since_start - ms(STORE_RETRY_INTERVAL) / 2, Ordering::Relaxed);
-        assert!(b.open(), "half an interval after a failure it is open");
-        b.failed_at_ms.store(since_start - 2 * ms(STORE_RETRY_INTERVAL), Ordering::Relaxed);
-        assert!(!b.open(), "two intervals after a failure it lets a call try again");
     }
 
     fn key(status: KeyStatus, expires_at: Option<DateTime<Utc>>) -> ApiKey {
