@@ -673,3 +673,69 @@ impl ApiKeyService for KeysService {
         self.respond(Rpc::WatchKeyChanges, KeysService::watch_key_changes(self, r)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_size_of_zero_is_the_default_and_the_bounds_are_exact() {
+        assert_eq!(page_size(0).unwrap(), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(1).unwrap(), 1);
+        assert_eq!(page_size(MAX_PAGE_SIZE as i32).unwrap(), MAX_PAGE_SIZE);
+        let message = |n| page_size(n).unwrap_err().to_string();
+        assert!(message(MAX_PAGE_SIZE as i32 + 1).contains("at most 500"));
+        assert!(message(-1).contains("must not be negative"));
+        assert!(message(i32::MIN).contains("must not be negative"));
+    }
+
+    /// Every branch of RollKey's grace period at its edges: which error a
+    /// caller gets tells it what to fix.
+    #[test]
+    fn a_grace_period_is_checked_at_every_edge() {
+        enum Want {
+            Ns(i64),
+            Malformed,
+            Negative,
+            TooLong,
+        }
+        use Want::*;
+        const WEEK: i64 = 7 * 86_400;
+        let cases = [
+            (0, 0, Ns(0)),
+            (0, 1, Ns(1)),
+            (1, 5, Ns(1_000_000_005)),
+            (0, 999_999_999, Ns(999_999_999)),
+            (WEEK - 1, 999_999_999, Ns(WEEK * 1_000_000_000 - 1)),
+            (WEEK, 0, Ns(WEEK * 1_000_000_000)),
+            (0, 1_000_000_000, Malformed),
+            (0, -1_000_000_000, Malformed),
+            (1, -1, Malformed),
+            (-1, 1, Malformed),
+            (0, -1, Negative),
+            (0, -999_999_999, Negative),
+            (-1, 0, Negative),
+            (-1, -1, Negative),
+            (WEEK, 1, TooLong),
+            (WEEK + 1, 0, TooLong),
+            (i64::MAX, 0, TooLong),
+        ];
+        for (seconds, nanos, want) in cases {
+            let got = grace_period(Some(&prost_types::Duration { seconds, nanos }));
+            let case = format!("{seconds}s {nanos}ns");
+            match want {
+                Ns(ns) => assert_eq!(got.unwrap().num_nanoseconds(), Some(ns), "{case}"),
+                Malformed | Negative | TooLong => {
+                    let message = got.expect_err(&case).to_string();
+                    let needle = match want {
+                        Malformed => "not a valid Duration",
+                        Negative => "must not be negative",
+                        _ => "at most 7 days",
+                    };
+                    assert!(message.contains(needle), "{case}: {message}");
+                }
+            }
+        }
+        assert_eq!(grace_period(None).unwrap(), chrono::Duration::zero(), "absent: none");
+    }
+}

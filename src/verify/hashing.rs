@@ -356,6 +356,105 @@ mod tests {
         assert!(cheap.needs_rehash(&other_pepper));
     }
 
+    /// The bound is on memory × passes, on one lane: a product just over it
+    /// (whatever its sum or quotient) goes to the worker threads.
+    #[test]
+    fn hashing_runs_inline_only_up_to_256_kib_passes_on_one_lane() {
+        let params = |memory_kib, iterations, parallelism| HashParams { memory_kib, iterations, parallelism };
+        assert!(params(256, 1, 1).is_inline());
+        assert!(params(8, 32, 1).is_inline());
+        assert!(!params(257, 1, 1).is_inline());
+        assert!(!params(128, 3, 1).is_inline());
+        assert!(!params(32, 1, 2).is_inline(), "two lanes");
+    }
+
+    #[test]
+    fn a_pepper_under_16_bytes_is_refused_at_startup_current_or_previous() {
+        let (short, ok) = (SecretString::new("0123456789abcde"), SecretString::new("0123456789abcdef"));
+        let hasher = |current: &SecretString, previous: &SecretString| {
+            let peppers = Peppers { current: current.clone(), previous: vec![previous.clone()] };
+            Hasher::with_queue(peppers, HashParams::default(), 8, Arc::default())
+        };
+        assert!(hasher(&ok, &ok).is_ok(), "16 bytes");
+        for (current, previous) in [(&short, &ok), (&ok, &short)] {
+            let err = hasher(current, previous).err().expect("a 15-byte pepper was accepted");
+            assert!(err.to_string().contains("at least 16 bytes"), "{err}");
+        }
+    }
+
+    /// Each of algorithm, version, memory, passes and lanes on its own makes
+    /// a stored hash stale.
+    #[tokio::test]
+    async fn a_hash_differing_in_any_one_parameter_needs_a_rehash() {
+        let h = cheap("pepper-0123456789abcdef");
+        let new = h.hash(SecretString::new("k")).await.unwrap();
+        assert!(new.phc.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{}", new.phc);
+        assert!(!h.needs_rehash(&new));
+        for (from, to) in
+            [("$argon2id$", "$argon2i$"), ("v=19", "v=16"), ("m=1024", "m=2048"), (",t=1,", ",t=2,"), ("p=1$", "p=2$")]
+        {
+            let other = StoredHash { phc: new.phc.replacen(from, to, 1), ..new.clone() };
+            assert!(h.needs_rehash(&other), "{to}: {}", other.phc);
+        }
+    }
+
+    /// The argon2 queue depth gauge: jobs waiting or running, none after.
+    #[tokio::test]
+    async fn the_queue_depth_counts_the_jobs_queued_or_running() {
+        let h = Hasher::with_queue(
+            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
+            HashParams::OWASP,
+            64,
+            Arc::default(),
+        )
+        .unwrap();
+        // Tokio's lock: the test holds it across awaits; the worker threads,
+        // outside the runtime, wait on it blocking.
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let held = gate.write().await;
+        let mut jobs: Vec<_> = (0..5)
+            .map(|_| {
+                let gate = gate.clone();
+                Box::pin(h.run(move |_| {
+                    drop(gate.blocking_read());
+                    Ok(())
+                }))
+            })
+            .collect();
+        for job in &mut jobs {
+            assert!(futures::poll!(job).is_pending(), "a job ran past the held gate");
+        }
+        assert_eq!(h.queue_depth(), 5);
+        drop(held);
+        for job in jobs {
+            job.await.unwrap();
+        }
+        assert_eq!(h.queue_depth(), 0);
+    }
+
+    /// Memory-hard hashing must not starve the async workers serving the
+    /// cheap rejections: its threads run at a lower priority.
+    #[tokio::test]
+    async fn hashing_threads_run_at_a_lower_priority() {
+        let h = Hasher::with_queue(
+            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
+            HashParams::OWASP,
+            8,
+            Arc::default(),
+        )
+        .unwrap();
+        // SAFETY: getpriority on the calling thread reads, changes nothing.
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let ours = nice();
+        let worker = h.run(move |_| Ok(nice())).await.unwrap();
+        if ours <= HASH_THREAD_NICE {
+            assert_eq!(worker, HASH_THREAD_NICE);
+        } else {
+            // Started niced further: an unprivileged thread cannot go back up.
+            assert!(worker >= HASH_THREAD_NICE, "{worker}");
+        }
+    }
+
     #[tokio::test]
     async fn a_queued_job_whose_caller_has_gone_is_not_run() {
         use futures::FutureExt;

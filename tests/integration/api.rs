@@ -710,12 +710,17 @@ async fn audit_log_records_who_did_what_and_exports_it(b: Backend) {
     assert!(!page.next_page_token.is_empty());
     let rest = c
         .list_audit_events(with_bearer(
-            pb::ListAuditEventsRequest { page_token: page.next_page_token.clone(), ..Default::default() },
+            pb::ListAuditEventsRequest { page_token: page.next_page_token.clone(), page_size: 2, ..Default::default() },
             &reader,
         ))
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(
+        (rest.events.len(), rest.next_page_token.as_str()),
+        (2, ""),
+        "a last page that is exactly full has no next page token"
+    );
     let all: Vec<pb::AuditEvent> = page.events.into_iter().chain(rest.events).collect();
     let actions: Vec<pb::AuditAction> = all.iter().map(|e| e.action()).collect();
     assert_eq!(
@@ -889,7 +894,12 @@ async fn list_keys_filters_by_status_and_pages_by_fifty(b: Backend) {
     assert_eq!((rest.keys.len(), rest.next_page_token.as_str()), (1, ""));
     let disabled = list(Some(pb::KeyStatus::Disabled), String::new()).await;
     assert_eq!(disabled.keys.iter().map(|k| k.id.clone()).collect::<Vec<_>>(), vec![ids[7].clone()]);
-    assert_eq!(list(Some(pb::KeyStatus::Active), String::new()).await.keys.len(), 50);
+    let active = list(Some(pb::KeyStatus::Active), String::new()).await;
+    assert_eq!(
+        (active.keys.len(), active.next_page_token.as_str()),
+        (50, ""),
+        "a last page that is exactly full has no next page token"
+    );
 }
 
 async fn set_organization_plan_refuses_an_invalid_organization_id(b: Backend) {
