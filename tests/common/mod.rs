@@ -290,6 +290,22 @@ pub fn init_logs() {
     }
 }
 
+/// Reads a server stream to its end. The channel's deadline (and the
+/// grpc-timeout the server sees) bounds a call only until its response
+/// headers, so a stream that never ends would hang CI (an export that
+/// restarted from the top forever held a mutation run for its full 300 s):
+/// this fails the test instead, after [`RPC_DEADLINE`].
+pub async fn read_to_end<T>(stream: &mut tonic::Streaming<T>) -> Result<Vec<T>, tonic::Status> {
+    let read = async {
+        let mut out = vec![];
+        while let Some(m) = stream.message().await? {
+            out.push(m);
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(RPC_DEADLINE, read).await.expect("the stream did not end within RPC_DEADLINE")
+}
+
 /// A request carrying `token` as its bearer.
 pub fn with_bearer<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);

@@ -754,10 +754,7 @@ async fn audit_log_records_who_did_what_and_exports_it(b: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let mut exported = vec![];
-    while let Some(e) = stream.message().await.unwrap() {
-        exported.push(e);
-    }
+    let exported = common::read_to_end(&mut stream).await.unwrap();
     assert_eq!(exported, all);
 }
 
@@ -778,11 +775,7 @@ fn ts(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
 
 async fn export(c: &mut common::Client, req: pb::ExportAuditEventsRequest) -> Vec<pb::AuditEvent> {
     let mut stream = c.export_audit_events(as_service(req, "a")).await.unwrap().into_inner();
-    let mut out = vec![];
-    while let Some(e) = stream.message().await.unwrap() {
-        out.push(e);
-    }
-    out
+    common::read_to_end(&mut stream).await.unwrap()
 }
 
 async fn audit_queries_honour_since_until_and_action_through_the_rpc(b: Backend) {

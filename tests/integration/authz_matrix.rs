@@ -323,16 +323,10 @@ async fn call(app: &TestApp, rpc: &str, who: Who, callers: &Callers) -> (Code, S
                 request!(pb::ExportAuditEventsRequest { organization_id: org(), ..Default::default() }, who, callers);
             match c.export_audit_events(req).await {
                 Err(s) => (s.code(), s.message().to_owned()),
-                Ok(stream) => {
-                    let mut stream = stream.into_inner();
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(_)) => continue,
-                            Ok(None) => break (Code::Ok, String::new()),
-                            Err(s) => break (s.code(), s.message().to_owned()),
-                        }
-                    }
-                }
+                Ok(stream) => match common::read_to_end(&mut stream.into_inner()).await {
+                    Ok(_) => (Code::Ok, String::new()),
+                    Err(s) => (s.code(), s.message().to_owned()),
+                },
             }
         }
         other => panic!("no call for {other}: add it to the matrix"),
