@@ -332,6 +332,13 @@ mod tests {
         Hasher::new(SecretString::new(pepper), CHEAP, Arc::default()).unwrap()
     }
 
+    /// A hasher whose memory-hard parameters send every job to the worker
+    /// threads, through a queue of `capacity`.
+    fn queued(capacity: usize, metrics: Arc<Metrics>) -> Hasher {
+        let pepper = Peppers::single(SecretString::new("pepper-0123456789abcdef"));
+        Hasher::with_queue(pepper, HashParams::OWASP, capacity, metrics).unwrap()
+    }
+
     #[tokio::test]
     async fn default_parameters_are_cheap_argon2id_run_inline() {
         let h =
@@ -401,13 +408,7 @@ mod tests {
     /// The argon2 queue depth gauge: jobs waiting or running, none after.
     #[tokio::test]
     async fn the_queue_depth_counts_the_jobs_queued_or_running() {
-        let h = Hasher::with_queue(
-            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
-            HashParams::OWASP,
-            64,
-            Arc::default(),
-        )
-        .unwrap();
+        let h = queued(64, Arc::default());
         // Tokio's lock: the test holds it across awaits; the worker threads,
         // outside the runtime, wait on it blocking.
         let gate = Arc::new(tokio::sync::RwLock::new(()));
@@ -436,13 +437,7 @@ mod tests {
     /// cheap rejections: its threads run at a lower priority.
     #[tokio::test]
     async fn hashing_threads_run_at_a_lower_priority() {
-        let h = Hasher::with_queue(
-            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
-            HashParams::OWASP,
-            8,
-            Arc::default(),
-        )
-        .unwrap();
+        let h = queued(8, Arc::default());
         // SAFETY: getpriority on the calling thread reads, changes nothing.
         let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
         let ours = nice();
@@ -459,13 +454,7 @@ mod tests {
     async fn a_queued_job_whose_caller_has_gone_is_not_run() {
         use futures::FutureExt;
         let metrics = Arc::new(Metrics::default());
-        let h = Hasher::with_queue(
-            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
-            HashParams::OWASP,
-            1024,
-            metrics.clone(),
-        )
-        .unwrap();
+        let h = queued(1024, metrics.clone());
         // Each future is polled once (which queues its job) and dropped, as
         // tonic drops a handler whose deadline passed or whose stream was reset.
         for _ in 0..64 {
@@ -516,13 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_work_instead_of_growing() {
-        let h = Hasher::with_queue(
-            Peppers::single(SecretString::new("pepper-0123456789abcdef")),
-            HashParams::OWASP,
-            1,
-            Arc::default(),
-        )
-        .unwrap();
+        let h = queued(1, Arc::default());
         let jobs: Vec<_> = (0..64).map(|_| h.hash(SecretString::new("k"))).collect();
         let results = futures::future::join_all(jobs).await;
         assert!(results.iter().any(|r| matches!(r, Err(Error::ResourceExhausted(_)))));
