@@ -356,6 +356,16 @@ async fn unknown_ids_are_not_found_and_empty_ids_invalid(b: Backend) {
     }
     let e = c.get_key(as_service(pb::GetKeyRequest { id: String::new() }, "a")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    // The message names the id asked for: verbatim when it is well-formed,
+    // quoted and cut to an id's length when not.
+    for (id, want) in [
+        ("0000000000000000", "key 0000000000000000 not found"),
+        ("nope", r#"key "nope" not found"#),
+        ("nope-nope-nope-nope-nope", r#"key "nope-nope-nope-n" not found"#),
+    ] {
+        let e = c.get_key(as_service(pb::GetKeyRequest { id: id.into() }, "a")).await.unwrap_err();
+        assert_eq!(e.message(), want);
+    }
 }
 
 async fn verify_answers_every_denial_with_its_code(b: Backend) {
